@@ -1,0 +1,53 @@
+// Op schemas for fastlstm. Each backend registers its implementation at the bottom of its own file
+// (csrc/cpu/lstm_cpu.cpp, csrc/cuda/lstm_cuda.cpp).
+//
+// One layer, one direction. Shapes (time-major; the module handles batch_first):
+//   input    [T, B, I]
+//   h0       [B, P]        P = proj_size if w_hr is given, else H
+//   c0       [B, H]
+//   w_ih     [4H, I]       gate rows in torch.nn.LSTM order: i, f, g, o
+//   w_hh     [4H, P]
+//   b_ih     [4H] or None
+//   b_hh     [4H] or None
+//   w_hr     [P, H] or None (projection: h_t = w_hr @ (o_t * tanh(c_t)))
+//   lengths  [B] int64 on the input's device, values in [0, T], or None (all T).
+//            A step t >= lengths[b] leaves sequence b's state unchanged and writes a zero output.
+//   reverse  run t = T-1 .. 0 (the reverse direction of a bidirectional layer); with lengths,
+//            sequence b starts at t = lengths[b] - 1.
+//
+// lstm_layer_forward returns
+//   output   [T, B, P]     h_t at every step (zero past a sequence's length)
+//   h_n      [B, P]        state after each sequence's last step
+//   c_n      [B, H]
+//   gates    [T, B, 4H]    post-activation i, f, g, o (input dtype), saved for backward
+//   cells    [T, B, H]     c_t after step t, carried through inactive steps; float32 for
+//                          float16/bfloat16 input (the cell state is kept in float32), else the
+//                          input dtype
+//   hidden   [T, B, H]     o_t * tanh(c_t) before the projection; shape [0] without w_hr
+//
+// lstm_layer_backward takes the gradients of output, h_n, c_n, the forward's inputs and the saved
+// tensors, and returns the gradients of input, h0, c0, w_ih, w_hh, the bias (b_ih and b_hh get
+// the same gradient; computed whether or not the layer has biases) and w_hr ([0] without w_hr).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastlstm, m) {
+  m.def(
+      "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
+      "Tensor output, Tensor gates, Tensor cells, Tensor hidden, bool reverse) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias, Tensor grad_w_hr)");
+}
+
+// `import fastlstm._C` loads this library, which runs the registrations above and in the backends.
+extern "C" {
+#include <Python.h>
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

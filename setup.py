@@ -1,0 +1,71 @@
+"""Builds fastlstm._C: the CPU ops always, the CUDA ops when torch is a CUDA build and a CUDA toolkit
+is found.
+
+Environment switches:
+  FASTLSTM_CUDA=1     build the CUDA ops (fails if torch or the toolkit cannot)
+  FASTLSTM_CUDA=0     never build them
+  (unset)             build them when torch.version.cuda is set and CUDA_HOME is found
+  MAX_JOBS            parallel compile jobs (torch.utils.cpp_extension, ninja)
+  TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "8.0;9.0" (default: 8.0 and 9.0)
+  FASTLSTM_DEBUG=1    -O0 -g
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("FASTLSTM_CUDA", "").strip()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not available:
+            raise RuntimeError(
+                "FASTLSTM_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
+            )
+        return True
+    return available
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def extension():
+    debug = os.environ.get("FASTLSTM_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp", "-std=c++17", "-fdiagnostics-color=always"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/kernels/*.cu")
+        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return cpp_extension.CUDAExtension(
+            "fastlstm._C",
+            sources,
+            define_macros=[("FASTLSTM_WITH_CUDA", None)],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            **kwargs,
+        )
+    return cpp_extension.CppExtension(
+        "fastlstm._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        **kwargs,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
