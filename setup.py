@@ -7,10 +7,12 @@ Environment switches:
   (unset)             build them when torch.version.cuda is set and CUDA_HOME is found
   MAX_JOBS            parallel compile jobs (torch.utils.cpp_extension, ninja)
   TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "8.0;9.0" (default: 8.0 and 9.0)
+  FASTLSTM_CPU_ISA    avx2 (default on x86-64) or generic
   FASTLSTM_DEBUG=1    -O0 -g
 """
 import glob
 import os
+import platform
 
 import torch
 from setuptools import setup
@@ -34,6 +36,17 @@ def _want_cuda():
     return available
 
 
+def _cpu_isa_flags():
+    # The vectorised gate math uses at::vec's AVX2 path on x86-64 (fastlstm/_loader.py refuses to load
+    # this build on a CPU without AVX2). FASTLSTM_CPU_ISA=generic builds portable scalar code.
+    isa = os.environ.get("FASTLSTM_CPU_ISA", "avx2")
+    if isa == "generic" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if isa != "avx2":
+        raise RuntimeError(f"FASTLSTM_CPU_ISA must be 'avx2' or 'generic', got {isa!r}")
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
@@ -41,13 +54,13 @@ def _sources(pattern):
 def extension():
     debug = os.environ.get("FASTLSTM_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++17", "-fdiagnostics-color=always"]
+    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas"] + _cpu_isa_flags()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     kwargs = dict(extra_link_args=["-fopenmp"])
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/kernels/*.cu")
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "fastlstm._C",
             sources,

@@ -1,0 +1,162 @@
+// Row-major GEMM on raw pointers for the per-timestep matmuls, where a dispatcher round trip per step
+// would cost as much as the matmul itself at small batch. Uses the Fortran BLAS that libtorch_cpu
+// exports (MKL in the x86 wheels); weak symbols, so a torch without them falls back to ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <cstdlib>
+#include <cstring>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace fastlstm::cpu {
+
+inline bool have_direct_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// C[M, N] = alpha * op(A) @ op(B) + beta * C, all row-major; op(A) is [M, K], op(B) is [K, N].
+// A is [M, K] (lda >= K) or, transposed, [K, M] (lda >= M); likewise B.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+          int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (have_direct_blas() && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    } else {
+      dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    }
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = trans_a ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                   : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  auto b = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                   : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != T(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// Whether torch's oneDNN batch-reduce GEMM micro-kernel runs fp32 here (it needs oneDNN's ukernel
+// support, x86 with AVX-512 in current torch). Probed once on a small product; FASTLSTM_CPU_GEMM=blas
+// turns it off (for comparisons).
+inline bool brgemm_usable() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static const bool usable = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_GEMM");
+    if (env != nullptr && std::strcmp(env, "blas") == 0) return false;
+    constexpr int n = 16;
+    float a[n * n], b[n * n], c[n * n];
+    for (int i = 0; i < n * n; ++i) a[i] = float(i % 7) - 3.f, b[i] = float(i % 5) - 2.f;
+    try {
+      at::native::cpublas::brgemm(n, n, n, n, n, n, false, a, b, c, false);
+    } catch (...) {
+      return false;
+    }
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) {
+        float ref = 0;
+        for (int k = 0; k < n; ++k) ref += a[i * n + k] * b[k * n + j];
+        if (c[i * n + j] != ref) return false;
+      }
+    }
+    return true;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+// c[N] = a[K] @ B[K, N]: a batch-1 step. A GEMM micro-kernel spends most of its time on setup
+// here; streaming B's rows once through eight vector accumulators runs at cache bandwidth.
+template <typename T>
+void gemv_row(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kV = Vec::size(), kU = 8;
+  int64_t n0 = 0;
+  for (; n0 + kU * kV <= N; n0 += kU * kV) {
+    Vec acc[kU];
+    for (int64_t u = 0; u < kU; ++u) acc[u] = Vec(T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec ak(a[k]);
+      const T* row = B + k * ldb + n0;
+      for (int64_t u = 0; u < kU; ++u) acc[u] = at::vec::fmadd(ak, Vec::loadu(row + u * kV), acc[u]);
+    }
+    for (int64_t u = 0; u < kU; ++u) acc[u].store(c + n0 + u * kV);
+  }
+  for (; n0 < N; n0 += kV) {
+    const int64_t cnt = std::min(kV, N - n0);
+    Vec acc(T(0));
+    for (int64_t k = 0; k < K; ++k) acc = at::vec::fmadd(Vec(a[k]), Vec::loadu(B + k * ldb + n0, cnt), acc);
+    acc.store(c + n0, cnt);
+  }
+}
+
+// C[M, N] = A[M, K] @ B[K, N] (row-major, leading dimensions given) on the calling thread: the
+// building block of the parallel loops, each thread computing its own block of C.
+template <typename T>
+void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (M == 1) {
+    gemv_row<T>(N, K, A, B, ldb, C);
+    return;
+  }
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm_usable()) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, false, A, B, C, false);
+      return;
+    }
+  }
+#endif
+  gemm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc);  // BLAS runs serially when nested
+}
+
+// w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.
+inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
+  const int64_t N = w.size(0), K = w.size(1), blocks = (N + nt - 1) / nt;
+  at::Tensor padded = blocks * nt == N ? w : at::constant_pad_nd(w, {0, 0, 0, blocks * nt - N});
+  return padded.view({blocks, nt, K}).transpose(1, 2).contiguous();
+}
+
+// C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt); in parallel over tiles.
+template <typename T>
+void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
+                   int64_t nt, T* C, int64_t ldc) {
+  constexpr int64_t mt = 64;
+  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  const T* P = panels.data_ptr<T>();
+  // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.
+  const int64_t tile_work = std::min(mt, M) * nt * K;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, tile_work));
+  at::parallel_for(0, m_tiles * n_tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = (tile / n_tiles) * mt, n = tile % n_tiles, n0 = n * nt;
+      gemm_serial<T>(std::min(mt, M - m0), std::min(nt, N - n0), K, A + m0 * lda, lda,
+                     P + n * K * nt, nt, C + m0 * ldc + n0, ldc);
+    }
+  });
+}
+
+}  // namespace fastlstm::cpu

@@ -1,0 +1,447 @@
+// CPU implementation of fastlstm::lstm_layer_forward / lstm_layer_backward (contract in
+// csrc/fastlstm.cpp).
+//
+// Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer. Each step is one
+// parallel loop over blocks of hidden units: a thread multiplies h_{t-1} by its block's panel of
+// w_hh (all four gates' columns for those units, packed once per call), then runs the fused gate and
+// cell update for the block, writing the post-activation gates back into the buffer (which in
+// float32/float64 is itself the saved `gates`). No thread waits for another between the matmul and
+// the pointwise math; h is double-buffered so blocks never read a half-written state. Backward: per
+// step, the gate gradients dG_t row by row, then dh_{t-1} = dG_t @ w_hh over column blocks; input and
+// weight gradients are large GEMMs over all T*B rows after the loop.
+//
+// The small per-thread matmuls use torch's oneDNN brgemm micro-kernel for float32 where it runs
+// (cpu/blas.h), else the BLAS that libtorch exports. float16/bfloat16 run the float32 code (weights
+// and input converted once per call, the cell state kept in float32); h is rounded to the input dtype
+// at each step, because that is the value the next step and the caller see.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "cpu/blas.h"
+#include "lstm_checks.h"
+
+namespace fastlstm {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename acc_t>
+inline Vectorized<acc_t> vsigmoid(Vectorized<acc_t> x) {
+  const Vectorized<acc_t> one(acc_t(1));
+  return one / (one + x.neg().exp());
+}
+
+// Rows [0, rows) are processed; below `grain` rows the work stays on one thread.
+template <typename F>
+inline void for_rows(int64_t rows, int64_t row_cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_cost));
+  at::parallel_for(0, rows, grain, f);
+}
+
+// Gate/cell update of n hidden units of one batch row at one step. Gate q of unit j is at
+// pre[q * pre_stride + j] (the input part, in: pre-activation, out: post-activation) plus
+// rec[q * rec_stride + j] (the recurrent part) plus bias[q * pre_stride + j] (bias may be null).
+//   c: [n] cell state, updated in place; cell_out: [n] copy of the new c; m: [n] out: o * tanh(c)
+template <typename acc_t>
+inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t* rec,
+                         int64_t rec_stride, const acc_t* bias, acc_t* c, acc_t* cell_out, acc_t* m) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size();
+  for (int64_t j = 0; j < n; j += kV) {
+    const int64_t cnt = std::min(kV, n - j);
+    auto gate = [&](int q) {
+      Vec v = Vec::loadu(pre + q * pre_stride + j, cnt) + Vec::loadu(rec + q * rec_stride + j, cnt);
+      return bias == nullptr ? v : v + Vec::loadu(bias + q * pre_stride + j, cnt);
+    };
+    const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = gate(2).tanh(), o = vsigmoid(gate(3));
+    const Vec cn = f * Vec::loadu(c + j, cnt) + i * z;
+    i.store(pre + j, cnt);
+    f.store(pre + pre_stride + j, cnt);
+    z.store(pre + 2 * pre_stride + j, cnt);
+    o.store(pre + 3 * pre_stride + j, cnt);
+    cn.store(c + j, cnt);
+    cn.store(cell_out + j, cnt);
+    (o * cn.tanh()).store(m + j, cnt);
+  }
+}
+
+// Backward of cell_forward for one batch row (all H units; gates in the standard layout).
+//   dm: [H] gradient of o * tanh(c); dc: [H] in: gradient of c_t, out: gradient of c_{t-1}
+//   gates: [4H] saved post-activations; c: [H] saved c_t; c_prev: [H] c_{t-1}
+//   dg: [4H] out: gradient of the pre-activations
+template <typename acc_t>
+inline void cell_backward_row(int64_t H, const acc_t* dm, acc_t* dc, const acc_t* gates,
+                              const acc_t* c, const acc_t* c_prev, acc_t* dg) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size();
+  const Vec one(acc_t(1));
+  for (int64_t j = 0; j < H; j += kV) {
+    const int64_t n = std::min(kV, H - j);
+    const Vec i = Vec::loadu(gates + j, n), f = Vec::loadu(gates + H + j, n);
+    const Vec z = Vec::loadu(gates + 2 * H + j, n), o = Vec::loadu(gates + 3 * H + j, n);
+    const Vec tc = Vec::loadu(c + j, n).tanh();
+    const Vec dmv = Vec::loadu(dm + j, n);
+    const Vec dct = Vec::loadu(dc + j, n) + dmv * o * (one - tc * tc);
+    (dct * z * i * (one - i)).store(dg + j, n);
+    (dct * Vec::loadu(c_prev + j, n) * f * (one - f)).store(dg + H + j, n);
+    (dct * i * (one - z * z)).store(dg + 2 * H + j, n);
+    (dmv * tc * o * (one - o)).store(dg + 3 * H + j, n);
+    (dct * f).store(dc + j, n);
+  }
+}
+
+// Per step, how many leading rows are active. With lengths sorted in decreasing order (what a
+// PackedSequence gives) inactive rows are a suffix and the matmuls skip them; otherwise all rows
+// take part and the row loops test each one.
+struct Activity {
+  const int64_t* len = nullptr;  // [B] or null: every row runs every step
+  bool sorted = false;
+  int64_t B = 0;
+  int64_t rows(int64_t t) const {
+    if (len == nullptr || !sorted) return B;
+    int64_t lo = 0, hi = B;  // first row with len <= t
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (len[mid] > t) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
+  bool active(int64_t b, int64_t t) const { return len == nullptr || len[b] > t; }
+};
+
+Activity make_activity(const at::Tensor& lengths_cpu, int64_t B) {
+  Activity a;
+  a.B = B;
+  if (!lengths_cpu.defined()) return a;
+  a.len = lengths_cpu.data_ptr<int64_t>();
+  a.sorted = true;
+  for (int64_t b = 1; b < B; ++b) a.sorted &= a.len[b] <= a.len[b - 1];
+  return a;
+}
+
+at::Tensor lengths_on_cpu(const std::optional<at::Tensor>& lengths, int64_t T) {
+  if (!lengths.has_value() || !lengths->defined()) return {};
+  auto l = lengths->contiguous();
+  TORCH_CHECK(l.numel() == 0 || (l.min().item<int64_t>() >= 0 && l.max().item<int64_t>() <= T),
+              "lengths must lie in [0, T] = [0, ", T, "]");
+  return l;
+}
+
+at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// C[M, 4H] (ldc) = A[M, K] @ w^T for a [4H, K] weight: the input projection of all steps.
+template <typename acc_t>
+void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& c) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu::brgemm_usable()) {
+      constexpr int64_t nt = 64;
+      cpu::matmul_panels<float>(a.size(0), w.size(0), a.size(1), a.data_ptr<float>(), a.size(1),
+                                cpu::pack_panels(w, nt), nt, c.data_ptr<float>(), c.size(1));
+      return;
+    }
+  }
+  at::mm_out(c, a, w.t());
+}
+
+// w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
+// hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
+inline at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
+  const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
+  at::Tensor w = w_hh.view({4, H, P});
+  if (blocks * nb != H) w = at::constant_pad_nd(w, {0, 0, 0, blocks * nb - H});
+  return w.view({4, blocks, nb, P}).permute({1, 3, 0, 2}).contiguous();
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t v = static_cast<scalar_t>(h[j]);
+    out[j] = v;
+    state[j] = static_cast<acc_t>(v);
+  }
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const LayerSizes& s, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& w_hr,
+    const at::Tensor& lengths, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kLowPrecision = !std::is_same_v<acc_t, scalar_t>;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  const bool has_proj = s.has_proj;
+  const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  at::Tensor gates_a = at::empty({T, B, 4 * H}, acc);
+  at::Tensor gates_2d = gates_a.view({T * B, 4 * H});
+  project_input<acc_t>(input.reshape({T * B, I}).to(acc).contiguous(), w_ih.to(acc).contiguous(),
+                       gates_2d);
+  const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
+  const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
+
+  // Blocks of hidden units: small enough to share a step among threads, but a step too small to be
+  // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call.
+  const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
+  const int64_t nb = one_block ? (H + 15) / 16 * 16 : (H <= 128 ? 16 : 32);
+  const int64_t blocks = (H + nb - 1) / nb;
+  const at::Tensor panels = pack_gate_panels(w_hh.to(acc).contiguous(), H, nb);
+  const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
+  at::Tensor scratch = at::empty({at::get_num_threads(), B, 4 * nb}, acc);
+
+  at::Tensor output = at::empty({T, B, P}, input.options());
+  at::Tensor cells = at::empty({T, B, H}, acc);
+  at::Tensor hidden = has_proj ? at::empty({T, B, H}, acc) : at::Tensor();
+  at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
+  h_buf[0].copy_(h0);
+  at::Tensor c = c0.to(acc).contiguous().clone();  // [B, H]
+  at::Tensor m_step = has_proj ? at::Tensor() : at::empty({B, H}, acc);
+  at::Tensor h_proj = has_proj ? at::empty({B, P}, acc) : at::Tensor();
+
+  const Activity act = make_activity(lengths, B);
+  // A chunk of blocks should be worth a parallel fork: about 2^17 multiply-adds.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = reverse ? T - 1 - step : step;
+    const int64_t rows = act.rows(t);
+    acc_t* g_t = gates_a.data_ptr<acc_t>() + t * B * 4 * H;
+    acc_t* cell_t = cells.data_ptr<acc_t>() + t * B * H;
+    scalar_t* out_t = output.data_ptr<scalar_t>() + t * B * P;
+    acc_t* m_t = has_proj ? hidden.data_ptr<acc_t>() + t * B * H : m_step.data_ptr<acc_t>();
+    const acc_t* h_cur = h_buf.data_ptr<acc_t>() + (step % 2) * B * P;
+    acc_t* h_next = h_buf.data_ptr<acc_t>() + ((step + 1) % 2) * B * P;
+    acc_t* cp = c.data_ptr<acc_t>();
+
+    at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * B * 4 * nb;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t j0 = k * nb, n = std::min(nb, H - j0);
+        cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P, panels.data_ptr<acc_t>() + k * P * 4 * nb,
+                                4 * nb, rec, 4 * nb);
+        for (int64_t b = 0; b < B; ++b) {
+          acc_t* g = g_t + b * 4 * H + j0;
+          acc_t* m = m_t + b * H + j0;
+          if (!act.active(b, t)) {
+            for (int q = 0; q < 4; ++q) std::fill(g + q * H, g + q * H + n, acc_t(0));
+            std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
+            std::fill(m, m + n, acc_t(0));
+            if (!has_proj) {
+              std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
+              std::fill(out_t + b * P + j0, out_t + b * P + j0 + n, scalar_t(0));
+            }
+            continue;
+          }
+          cell_forward<acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                              cp + b * H + j0, cell_t + b * H + j0, m);
+          if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
+        }
+      }
+    });
+
+    if (has_proj) {
+      acc_t* hq = h_proj.data_ptr<acc_t>();
+      cpu::gemm<acc_t>(false, true, rows, P, H, acc_t(1), m_t, H, w_hr_a.data_ptr<acc_t>(), H,
+                       acc_t(0), hq, P);
+      for (int64_t b = 0; b < B; ++b) {
+        if (act.active(b, t)) {
+          store_h<scalar_t, acc_t>(P, hq + b * P, h_next + b * P, out_t + b * P);
+        } else {
+          std::copy(h_cur + b * P, h_cur + (b + 1) * P, h_next + b * P);
+          std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
+        }
+      }
+    }
+  }
+
+  at::Tensor gates = kLowPrecision ? gates_a.to(input.scalar_type()) : gates_a;
+  at::Tensor hidden_out = has_proj ? hidden.to(input.scalar_type())
+                                   : at::empty({0}, input.options());
+  at::Tensor h_n = h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  return {output, h_n, c.to(input.scalar_type()), gates, cells, hidden_out};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+              const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+              const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+              const at::Tensor& w_hr, const at::Tensor& lengths, const at::Tensor& output,
+              const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden,
+              bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  const bool has_proj = s.has_proj;
+  const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto dtype = input.scalar_type();
+
+  const at::Tensor gates_a = gates.to(acc).contiguous();
+  const at::Tensor cells_a = cells.to(acc).contiguous();
+  const at::Tensor grad_out_a = grad_output.to(acc).contiguous();
+  const at::Tensor c0_a = c0.to(acc).contiguous();
+  const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
+  constexpr int64_t kPanel = 64;
+  const at::Tensor w_hh_panels = cpu::pack_panels(w_hh_a.t().contiguous(), kPanel);  // dG @ w_hh
+  const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
+
+  at::Tensor dG = at::empty({T, B, 4 * H}, acc);
+  // Gradient of h_t (after the step) for every step: needed for grad_w_hr; one step's worth otherwise.
+  at::Tensor dH = at::empty({has_proj ? T : 1, B, P}, acc);
+  at::Tensor dm_step = has_proj ? at::empty({B, H}, acc) : at::Tensor();
+  at::Tensor dh = grad_h_n.to(acc).contiguous().clone();  // [B, P]
+  at::Tensor dc = grad_c_n.to(acc).contiguous().clone();  // [B, H]
+  at::Tensor dh_prev = at::empty({B, P}, acc);
+
+  const Activity act = make_activity(lengths, B);
+  const acc_t* g_all = gates_a.data_ptr<acc_t>();
+  const acc_t* cell_all = cells_a.data_ptr<acc_t>();
+  const acc_t* go_all = grad_out_a.data_ptr<acc_t>();
+  acc_t* dG_all = dG.data_ptr<acc_t>();
+  acc_t* dhp = dh.data_ptr<acc_t>();
+  acc_t* dcp = dc.data_ptr<acc_t>();
+  acc_t* dhq = dh_prev.data_ptr<acc_t>();
+
+  for (int64_t step = T - 1; step >= 0; --step) {
+    const int64_t t = reverse ? T - 1 - step : step;
+    const int64_t t_prev = reverse ? t + 1 : t - 1;  // the step processed before t in the forward
+    const bool first = step == 0;
+    const int64_t rows = act.rows(t);
+    acc_t* dH_t = dH.data_ptr<acc_t>() + (has_proj ? t * B * P : 0);
+
+    for (int64_t b = 0; b < B; ++b) {
+      const bool on = act.active(b, t);
+      for (int64_t j = 0; j < P; ++j) {
+        dH_t[b * P + j] = on ? dhp[b * P + j] + go_all[(t * B + b) * P + j] : acc_t(0);
+      }
+    }
+    const acc_t* dm_t = dH_t;
+    if (has_proj) {
+      cpu::gemm<acc_t>(false, false, rows, H, P, acc_t(1), dH_t, P, w_hr_a.data_ptr<acc_t>(), H,
+                       acc_t(0), dm_step.data_ptr<acc_t>(), H);
+      dm_t = dm_step.data_ptr<acc_t>();
+    }
+
+    acc_t* dG_t = dG_all + t * B * 4 * H;
+    for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* dg = dG_t + b * 4 * H;
+        if (!act.active(b, t)) {
+          std::fill(dg, dg + 4 * H, acc_t(0));
+          continue;
+        }
+        // The previous cell state: the carried state of the previously processed step, or c0.
+        const acc_t* c_prev = first ? c0_a.data_ptr<acc_t>() + b * H
+                                    : cell_all + (t_prev * B + b) * H;
+        cell_backward_row<acc_t>(H, dm_t + b * H, dcp + b * H, g_all + (t * B + b) * 4 * H,
+                                 cell_all + (t * B + b) * H, c_prev, dg);
+      }
+    });
+
+    cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_panels, kPanel, dhq, P);
+    for (int64_t b = 0; b < rows; ++b) {
+      if (!act.active(b, t)) continue;
+      std::copy(dhq + b * P, dhq + (b + 1) * P, dhp + b * P);
+    }
+  }
+
+  const at::Tensor dG2 = dG.view({T * B, 4 * H});
+  at::Tensor grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
+  at::Tensor grad_w_ih = at::mm(dG2.t(), input.reshape({T * B, I}).to(acc));
+  at::Tensor grad_bias = dG2.sum(0);
+
+  // grad_w_hh = sum_t dG_t^T h_prev_t. For a step t after another active step h_prev is that step's
+  // output; for each sequence's first step it is h0 (where output is zero past a length, so the
+  // shifted product picks up nothing there).
+  const at::Tensor out_a = output.to(acc);
+  at::Tensor grad_w_hh = at::zeros({4 * H, P}, acc);
+  if (T > 1) {
+    const at::Tensor dG_shift = reverse ? dG.narrow(0, 0, T - 1) : dG.narrow(0, 1, T - 1);
+    const at::Tensor h_shift = reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1);
+    grad_w_hh.addmm_(dG_shift.reshape({(T - 1) * B, 4 * H}).t(),
+                     h_shift.reshape({(T - 1) * B, P}));
+  }
+  if (T > 0) {
+    at::Tensor dG_first;  // [B, 4H]: each sequence's gradient at its first processed step
+    if (!reverse) {
+      dG_first = dG[0];
+    } else if (!lengths.defined()) {
+      dG_first = dG[T - 1];
+    } else {
+      const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
+      dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
+    }
+    grad_w_hh.addmm_(dG_first.t(), h0.to(acc));
+  }
+
+  at::Tensor grad_w_hr = has_proj
+                             ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))
+                             : at::empty({0}, input.options());
+  return {grad_input.to(dtype), dh.to(dtype), dc.to(dtype), grad_w_ih.to(dtype),
+          grad_w_hh.to(dtype), grad_bias.to(dtype), grad_w_hr.to(dtype)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                       const std::optional<at::Tensor>& w_hr,
+                       const std::optional<at::Tensor>& lengths, bool reverse) {
+  const LayerSizes s = check_layer_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  at::Tensor bias;
+  if (b_ih.has_value() && b_ih->defined()) bias = *b_ih;
+  if (b_hh.has_value() && b_hh->defined()) bias = bias.defined() ? bias + *b_hh : *b_hh;
+  const at::Tensor len = lengths_on_cpu(lengths, s.T);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "lstm_layer_forward_cpu", [&] {
+    out = forward_impl<scalar_t>(s, input.contiguous(), h0, c0, w_ih, w_hh, bias,
+                                 opt_or_undefined(w_hr), len, reverse);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                        const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& h0,
+                        const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& w_hr,
+                        const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+                        const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden,
+                        bool reverse) {
+  const LayerSizes s =
+      check_layer_args(input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  const bool has_proj = s.has_proj;
+  FASTLSTM_CHECK_SHAPE(grad_output, T, B, P);
+  FASTLSTM_CHECK_SHAPE(grad_h_n, B, P);
+  FASTLSTM_CHECK_SHAPE(grad_c_n, B, H);
+  FASTLSTM_CHECK_SHAPE(output, T, B, P);
+  FASTLSTM_CHECK_SHAPE(gates, T, B, 4 * H);
+  FASTLSTM_CHECK_SHAPE(cells, T, B, H);
+  if (has_proj) FASTLSTM_CHECK_SHAPE(hidden, T, B, H);
+  TORCH_CHECK(cells.scalar_type() == cell_dtype(input.scalar_type()), "cells must have dtype ",
+              cell_dtype(input.scalar_type()), ", got ", cells.scalar_type());
+  const at::Tensor len = lengths_on_cpu(lengths, T);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "lstm_layer_backward_cpu", [&] {
+    out = backward_impl<scalar_t>(s, grad_output, grad_h_n, grad_c_n, input.contiguous(), h0, c0,
+                                  w_ih, w_hh, opt_or_undefined(w_hr), len, output.contiguous(),
+                                  gates, cells, hidden, reverse);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+}
+
+}  // namespace fastlstm

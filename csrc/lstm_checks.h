@@ -1,0 +1,77 @@
+// Argument checks shared by the CPU and CUDA bindings. Each names the argument and what was expected,
+// so a bad call fails with a message a user can act on instead of reading out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastlstm {
+
+#define FASTLSTM_CHECK_SHAPE_NAMED(x, name, ...)                                           \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), name " must have shape ",       \
+              at::IntArrayRef({__VA_ARGS__}), " = (" #__VA_ARGS__ "), got ", (x).sizes())
+#define FASTLSTM_CHECK_SHAPE(x, ...) FASTLSTM_CHECK_SHAPE_NAMED(x, #x, __VA_ARGS__)
+
+struct LayerSizes {
+  int64_t T, B, I, H, P;
+  bool has_proj;
+};
+
+// Checks the arguments of lstm_layer_forward (and the matching ones of the backward) against each
+// other and returns the sizes. Shapes are documented in csrc/fastlstm.cpp.
+inline LayerSizes check_layer_args(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const std::optional<at::Tensor>& b_ih,
+                                   const std::optional<at::Tensor>& b_hh,
+                                   const std::optional<at::Tensor>& w_hr,
+                                   const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D [T, B, I], got ", input.dim(), "-D");
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0,
+              "w_ih must be 2-D [4*hidden_size, input_size], got ", w_ih.sizes());
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t H = w_ih.size(0) / 4;
+  const bool has_proj = w_hr.has_value() && w_hr->defined();
+  const int64_t P = has_proj ? w_hr->size(0) : H;
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "input must be a floating point tensor, got ",
+              input.scalar_type());
+  FASTLSTM_CHECK_SHAPE(w_ih, 4 * H, I);
+  FASTLSTM_CHECK_SHAPE(w_hh, 4 * H, P);
+  FASTLSTM_CHECK_SHAPE(h0, B, P);
+  FASTLSTM_CHECK_SHAPE(c0, B, H);
+  if (has_proj) {
+    FASTLSTM_CHECK_SHAPE_NAMED(*w_hr, "w_hr", P, H);
+  }
+  for (const auto& b : {b_ih, b_hh}) {
+    if (b.has_value() && b->defined()) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * H, "bias must have shape (4 * H) = (", 4 * H,
+                  "), got ", b->sizes());
+      TORCH_CHECK(b->scalar_type() == input.scalar_type(), "bias must have dtype ",
+                  input.scalar_type(), ", got ", b->scalar_type());
+      TORCH_CHECK(b->device() == input.device(), "bias must be on ", input.device());
+    }
+  }
+  std::vector<std::pair<const char*, const at::Tensor*>> same = {
+      {"h0", &h0}, {"c0", &c0}, {"w_ih", &w_ih}, {"w_hh", &w_hh}};
+  if (has_proj) same.push_back({"w_hr", &*w_hr});
+  for (const auto& [name, t] : same) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                input.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == input.device(), name, " must be on the input's device ", input.device(),
+                ", got ", t->device());
+  }
+  if (lengths.has_value() && lengths->defined()) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong, "lengths must be int64, got ",
+                lengths->scalar_type());
+    FASTLSTM_CHECK_SHAPE_NAMED(*lengths, "lengths", B);
+    TORCH_CHECK(lengths->device() == input.device(), "lengths must be on the input's device ",
+                input.device(), ", got ", lengths->device());
+  }
+  return {T, B, I, H, P, has_proj};
+}
+
+inline at::ScalarType cell_dtype(at::ScalarType input_dtype) {
+  return (input_dtype == at::kHalf || input_dtype == at::kBFloat16) ? at::kFloat : input_dtype;
+}
+
+}  // namespace fastlstm

@@ -1,0 +1,13 @@
+"""fastlstm: a fused C++/CUDA drop-in replacement for torch.nn.LSTM.
+
+    import fastlstm
+    lstm = fastlstm.LSTM(10, 20, num_layers=2)     # same arguments as torch.nn.LSTM
+    model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM in a model
+    fastlstm.backend("cpu")                        # "compiled" or "reference"
+"""
+from . import ops, reference
+from .lstm import LSTM, replace_lstm
+from .ops import backend
+
+__all__ = ["LSTM", "replace_lstm", "backend", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""``fastlstm.LSTM``: ``torch.nn.LSTM`` for its users, on fastlstm's fused ops.
+
+It subclasses ``torch.nn.RNNBase`` (as ``torch.nn.LSTM`` does), so construction, argument checks,
+parameters, initialisation, ``state_dict``, ``all_weights``, ``flatten_parameters`` and ``repr`` are
+torch's own; it is deliberately *not* a ``torch.nn.LSTM`` (Dynamo refuses to compile any instance of
+that class). Only ``forward`` differs: layers and directions are composed from the one-layer op
+(fastlstm.ops.lstm_layer), and a PackedSequence is run through the op's per-sequence lengths.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+__all__ = ["LSTM", "replace_lstm"]
+
+
+class LSTM(nn.RNNBase):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.nn.LSTM` running on fastlstm's fused kernels.\n\n"
+        "Same arguments, parameters, state_dict, forward signature and outputs; see torch's "
+        "documentation below.\n\n" + (nn.LSTM.__doc__ or "")
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    # torch.nn.LSTM's own shape checks and hidden-state permutation, so errors read the same.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input, hx=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        batch_sizes = None
+        sorted_indices = unsorted_indices = None
+        is_batched = True
+        if isinstance(input, PackedSequence):
+            packed = input
+            data, batch_sizes, sorted_indices, unsorted_indices = packed
+            max_batch_size = int(batch_sizes[0])
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+                self.check_forward_args(data, hx, batch_sizes)
+            else:
+                self.check_input(data, batch_sizes)
+            x, lengths = _pad_packed(data, batch_sizes)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(batch_dim)
+            if hx is not None:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = None
+        if hx is None:
+            shape = (self.num_layers * num_directions, max_batch_size)
+            hx = (
+                torch.zeros(*shape, real_hidden_size, dtype=x.dtype, device=x.device),
+                torch.zeros(*shape, self.hidden_size, dtype=x.dtype, device=x.device),
+            )
+        if batch_sizes is None:
+            self.check_forward_args(input, hx, None)
+        _check_dtypes(x, hx, self._flat_weights)
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        output, h_n, c_n = _lstm(
+            x, hx, self._flat_weights, self.num_layers, num_directions, self.bias,
+            self.proj_size > 0, self.dropout, self.training, lengths,
+        )
+
+        if batch_sizes is not None:
+            output = PackedSequence(
+                _pack_padded(output, batch_sizes), batch_sizes, sorted_indices, unsorted_indices
+            )
+            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+
+def _check_dtypes(x: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
+    # The checks torch.nn.LSTM's kernel makes, with its messages.
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"LSTM: expected input to be a floating point tensor, got {x.dtype}")
+    for name, h in (("hx[0]", hx[0]), ("hx[1]", hx[1])):
+        if h.dtype != x.dtype:
+            raise RuntimeError(
+                f"Input and hidden tensors are not the same dtype, found input tensor with "
+                f"{_tname(x)} and hidden tensor with {_tname(h)}"
+            )
+        if h.device != x.device:
+            raise RuntimeError(
+                f"Input and hidden tensors are not at the same device, found input tensor at "
+                f"{x.device} and hidden tensor at {h.device}"
+            )
+    for w in weights:
+        if w.dtype != x.dtype:
+            raise RuntimeError(
+                f"Input and parameter tensors are not the same dtype, found input tensor with "
+                f"{_tname(x)} and parameter tensor with {_tname(w)}"
+            )
+        if w.device != x.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor at "
+                f"{x.device} and parameter tensor at {w.device}"
+            )
+
+
+def _tname(t: Tensor) -> str:
+    names = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+             torch.bfloat16: "BFloat16"}
+    return names.get(t.dtype, str(t.dtype).replace("torch.", "").capitalize())
+
+
+def _lstm(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: list[Tensor],
+    num_layers: int,
+    num_directions: int,
+    has_bias: bool,
+    has_proj: bool,
+    dropout: float,
+    training: bool,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, B, I] time-major; hx ([L*D, B, P], [L*D, B, H]); weights in torch's _flat_weights order."""
+    per_direction = 2 + 2 * int(has_bias) + int(has_proj)
+    h0, c0 = hx
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            w = weights[k * per_direction:(k + 1) * per_direction]
+            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            w_hr = w[-1] if has_proj else None
+            out, h, c = ops.lstm_layer(
+                layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
+                reverse=direction == 1,
+            )
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def _packed_mask(batch_sizes: Tensor, device: torch.device) -> Tensor:
+    """[T, B] bool: row b of step t is present in the packed data. Packed data is laid out time-major
+    over exactly these positions, so boolean indexing with it packs and unpacks."""
+    B = int(batch_sizes[0])
+    return (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)).to(device)
+
+
+def _pad_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed [N, I] -> padded [T, B, I] (sorted batch order) and lengths [B] on data's device."""
+    mask = _packed_mask(batch_sizes, data.device)
+    padded = data.new_zeros(mask.shape + data.shape[1:])
+    padded = padded.index_put((mask,), data)
+    lengths = mask.sum(0)
+    return padded, lengths
+
+
+def _pack_padded(x: Tensor, batch_sizes: Tensor) -> Tensor:
+    return x[_packed_mask(batch_sizes, x.device)]
+
+
+def replace_lstm(module: nn.Module) -> nn.Module:
+    """Replace every ``torch.nn.LSTM`` inside ``module`` (and ``module`` itself's children,
+    recursively) by a ``fastlstm.LSTM`` with the same configuration, weights, device, dtype and
+    train/eval mode. Modifies ``module`` in place and returns it; a bare ``torch.nn.LSTM`` passed in
+    is returned converted."""
+    if isinstance(module, nn.LSTM):
+        return _convert(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.LSTM):
+            setattr(module, name, _convert(child))
+        else:
+            replace_lstm(child)
+    return module
+
+
+def _convert(lstm: nn.LSTM) -> LSTM:
+    new = LSTM(
+        lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias,
+        batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=lstm.bidirectional,
+        proj_size=lstm.proj_size, device="meta",
+    )
+    # The very same Parameter objects: device, dtype, requires_grad and any optimizer that already
+    # holds them carry over.
+    for name in lstm._flat_weights_names:
+        setattr(new, name, getattr(lstm, name))
+    new.train(lstm.training)
+    return new

@@ -1,0 +1,186 @@
+"""Python side of the ops: the differentiable one-layer wrapper, fake (meta) implementations for
+torch.compile, autograd through the backward op, and autocast."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._loader import LOADED
+
+_FORWARD = "fastlstm::lstm_layer_forward"
+_BACKWARD = "fastlstm::lstm_layer_backward"
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_warned_devices: set[str] = set()
+
+
+def _has_kernel(device_type: str) -> bool:
+    if not LOADED:
+        return False
+    if device_type == "meta":
+        return True  # shapes only, from the fake implementations below
+    key = _DISPATCH_KEYS.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD, key)
+
+
+# Kernels register when fastlstm._C loads, so this is fixed from import on (and, being a plain dict,
+# is something torch.compile can read without a graph break).
+_COMPILED = {device_type: _has_kernel(device_type) for device_type in ("cpu", "cuda", "meta")}
+
+
+def backend(device: str | torch.device = "cpu") -> str:
+    """``"compiled"`` where fastlstm runs its C++/CUDA ops on ``device``, ``"reference"`` where it
+    falls back to the plain-PyTorch implementation (fastlstm.reference)."""
+    return "compiled" if _COMPILED.get(torch.device(device).type, False) else "reference"
+
+
+def _compiled_for(device: torch.device) -> bool:
+    if _COMPILED.get(device.type, False):
+        return True
+    if LOADED and device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        warnings.warn(
+            f"fastlstm has no compiled kernel for device type {device.type!r}; using the "
+            "plain-PyTorch reference implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def lstm_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer in one direction, differentiable: returns ``(output, h_n, c_n)``.
+
+    input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None,
+    w_hr [P, H] or None, lengths [B] int64 on the input's device or None; see csrc/fastlstm.cpp."""
+    if _compiled_for(input.device):
+        out = torch.ops.fastlstm.lstm_layer_forward(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse
+        )
+        return out[0], out[1], out[2]
+    return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+
+def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+if LOADED:
+
+    @torch.library.register_fake(_FORWARD)
+    def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+        T, B, _ = input.shape
+        H = w_ih.shape[0] // 4
+        P = w_hr.shape[0] if w_hr is not None else H
+        torch._check(w_hh.shape == (4 * H, P), lambda: f"w_hh must have shape {(4 * H, P)}")
+        torch._check(h0.shape == (B, P), lambda: f"h0 must have shape {(B, P)}, got {h0.shape}")
+        torch._check(c0.shape == (B, H), lambda: f"c0 must have shape {(B, H)}, got {c0.shape}")
+        return (
+            input.new_empty(T, B, P),
+            input.new_empty(B, P),
+            input.new_empty(B, H),
+            input.new_empty(T, B, 4 * H),
+            input.new_empty(T, B, H, dtype=_cell_dtype(input.dtype)),
+            input.new_empty(T, B, H) if w_hr is not None else input.new_empty(0),
+        )
+
+    @torch.library.register_fake(_BACKWARD)
+    def _backward_fake(
+        grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output, gates,
+        cells, hidden, reverse,
+    ):
+        # The real op returns contiguous tensors whatever the inputs' strides.
+        def like(t, shape=None):
+            return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+
+        return (
+            like(input), like(h0), like(c0), like(w_ih), like(w_hh), like(w_ih, w_ih.shape[:1]),
+            like(w_hr) if w_hr is not None else like(input, (0,)),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse = inputs
+        out, _, _, gates, cells, hidden = output
+        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates,
+                              cells, hidden)
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(gates, cells, hidden)
+
+    def _backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells, _hidden):
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, hidden = (
+            ctx.saved_tensors
+        )
+        if grad_output is None:
+            grad_output = torch.zeros_like(out)
+        if grad_h_n is None:
+            grad_h_n = torch.zeros_like(h0)
+        if grad_c_n is None:
+            grad_c_n = torch.zeros_like(c0)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, e.g. a gradient penalty): recompute through the
+            # reference, whose graph autograd can differentiate again.
+            return _backward_differentiable(
+                ctx, (grad_output, grad_h_n, grad_c_n),
+                (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
+            )
+        grads = torch.ops.fastlstm.lstm_layer_backward(
+            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, out,
+            gates, cells, hidden, ctx.reverse,
+        )
+        g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr = grads
+        return (
+            g_input, g_h0, g_c0, g_w_ih, g_w_hh,
+            g_bias if b_ih is not None else None,
+            g_bias if b_hh is not None else None,
+            g_w_hr if w_hr is not None else None,
+            None, None,
+        )
+
+    def _backward_differentiable(ctx, grad_outputs, tensors, lengths):
+        wanted = [t for t in tensors if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            outputs = reference.lstm_layer(*tensors, lengths=lengths, reverse=ctx.reverse)
+            found = torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
+                                        allow_unused=True)
+        by_id = {id(t): g for t, g in zip(wanted, found)}
+        return (*(None if t is None else by_id.get(id(t)) for t in tensors), None, None)
+
+    torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+
+    def _register_autocast(device_type: str) -> None:
+        # Like torch.library.register_autocast, but casting to the dtype of the current autocast
+        # region (torch.autocast(..., dtype=...)), as torch.nn.LSTM does, rather than a fixed one.
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+        op = torch.ops.fastlstm.lstm_layer_forward.default
+
+        def cast(x, dtype):
+            return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+        @op.py_impl(getattr(torch._C.DispatchKey, key))
+        def _autocast_py_impl(*args):
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*(cast(a, dtype) for a in args))
+
+        def kernel(_, *args):
+            return _autocast_py_impl(*args)
+
+        _lib.impl("lstm_layer_forward", kernel, key, with_keyset=True)
+
+    _lib = torch.library.Library("fastlstm", "IMPL")
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_device_type)
