@@ -1,0 +1,94 @@
+"""Bad input raises what torch.nn.LSTM raises: the same exception type, and where torch's own
+message names the problem, the same message."""
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+
+
+def outcome(fn, module):
+    try:
+        fn(module)
+    except Exception as e:  # noqa: BLE001 (we compare whatever each raises)
+        return type(e), str(e)
+    return None, None
+
+
+FORWARD_CASES = {
+    "zero-length sequence": lambda m: m(torch.randn(0, 2, 4)),
+    "4-D input": lambda m: m(torch.randn(1, 2, 3, 4)),
+    "1-D input": lambda m: m(torch.randn(4)),
+    "wrong feature size": lambda m: m(torch.randn(3, 2, 5)),
+    "wrong h0 batch": lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 3, 6), torch.randn(1, 2, 6))),
+    "wrong c0 size": lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 7))),
+    "wrong h0 layers": lambda m: m(torch.randn(3, 2, 4), (torch.randn(2, 2, 6), torch.randn(1, 2, 6))),
+    "2-D state for 3-D input": lambda m: m(torch.randn(3, 2, 4), (torch.randn(2, 6), torch.randn(2, 6))),
+    "3-D state for 2-D input": lambda m: m(torch.randn(3, 4), (torch.randn(1, 1, 6), torch.randn(1, 1, 6))),
+    "input dtype != weights": lambda m: m(torch.randn(3, 2, 4).double()),
+    "integer input": lambda m: m(torch.ones(3, 2, 4, dtype=torch.long)),
+    "packed zero length": lambda m: m(pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 0]))),
+}
+# Where torch's message comes from its kernel internals (oneDNN, a matmul, a broadcast), ours names
+# the argument instead; the exception type is still torch's.
+OWN_MESSAGE = {
+    "packed wrong feature size": (
+        lambda m: m(pack_padded_sequence(torch.randn(3, 2, 5), torch.tensor([3, 2]))),
+        "input.size\\(-1\\) must be equal to input_size. Expected 4, got 5"),
+    "h0 dtype": (lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 6).double(), torch.randn(1, 2, 6))),
+                 "Input and hidden tensors are not the same dtype"),
+    "c0 dtype": (lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 6).double())),
+                 "Input and hidden tensors are not the same dtype"),
+    "packed wrong h0 batch": (lambda m: m(pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2])),
+                                          (torch.randn(1, 3, 6), torch.randn(1, 3, 6))),
+                              r"Expected hidden\[0\] size \(1, 2, 6\), got \[1, 3, 6\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
+def test_forward_errors_match_torch(case):
+    fn = FORWARD_CASES[case]
+    theirs = outcome(fn, torch.nn.LSTM(4, 6))
+    ours = outcome(fn, fastlstm.LSTM(4, 6))
+    assert theirs[0] is not None, "torch accepts this input: the case is wrong"
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("case", list(OWN_MESSAGE))
+def test_forward_errors_same_type_clear_message(case):
+    fn, message = OWN_MESSAGE[case]
+    their_type, _ = outcome(fn, torch.nn.LSTM(4, 6))
+    assert their_type is not None
+    with pytest.raises(their_type, match=message):
+        fn(fastlstm.LSTM(4, 6))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(proj_size=-1), dict(proj_size=6), dict(proj_size=1.5), dict(dropout=1.5), dict(dropout=-0.1),
+    dict(dropout=True), dict(num_layers=0), dict(num_layers=1.5), dict(hidden_size=0),
+    dict(hidden_size=2.5), dict(input_size=0), dict(bias="yes"), dict(batch_first=1),
+    dict(bidirectional="no"),
+])
+def test_constructor_errors_match_torch(kwargs):
+    args = dict(input_size=4, hidden_size=6)
+    args.update(kwargs)
+    results = []
+    for cls in (torch.nn.LSTM, fastlstm.LSTM):
+        try:
+            cls(**args)
+            results.append((None, None))
+        except Exception as e:  # noqa: BLE001
+            results.append((type(e), str(e)))
+    assert results[0] == results[1]
+
+
+def test_dropout_with_one_layer_warns_like_torch():
+    messages = []
+    for cls in (torch.nn.LSTM, fastlstm.LSTM):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cls(4, 6, num_layers=1, dropout=0.3)
+        messages.append([str(w.message) for w in caught])
+    assert messages[0] and messages[0] == messages[1]

@@ -1,0 +1,185 @@
+"""fastlstm.LSTM against torch.nn.LSTM with the same state_dict: outputs, h_n, c_n and the gradients
+of the input, the initial states and every parameter."""
+import itertools
+
+import pytest
+import torch
+
+from helpers import TOL, assert_same, make_hx, make_input, make_pair, run
+
+GRID = list(itertools.product(
+    [1, 2],                        # num_layers
+    [False, True],                 # bidirectional
+    [0, 3],                        # proj_size
+    [True, False],                 # bias
+    [False, True],                 # batch_first
+    ["padded", "sorted", "unsorted"],
+    [True, False],                 # hx given
+))
+
+
+def _ids(p):
+    L, bi, proj, bias, bf, mode, hx = p
+    return f"L{L}-{'bi' if bi else 'uni'}-proj{proj}-{'bias' if bias else 'nobias'}-" \
+           f"{'bf' if bf else 'tf'}-{mode}-{'hx' if hx else 'nohx'}"
+
+
+def _check(dtype, T, B, I, H, num_layers=1, bidirectional=False, proj_size=0, bias=True,
+           batch_first=False, mode="padded", with_hx=True, dropout=0.0):
+    fast, ref = make_pair(I, H, dtype=dtype, num_layers=num_layers, bidirectional=bidirectional,
+                          proj_size=proj_size, bias=bias, batch_first=batch_first, dropout=dropout)
+    lengths = None
+    if mode == "sorted":
+        lengths = sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True)
+        lengths[0] = T
+    elif mode == "unsorted":
+        lengths = torch.randint(1, T + 1, (B,)).tolist()
+    inp, x = make_input(T, B, I, dtype, batch_first=batch_first, lengths=lengths,
+                        sorted_=mode == "sorted")
+    hx = make_hx(fast, B, dtype) if with_hx else None
+    leaves = [x] + (list(hx) if hx else [])
+    assert_same(run(fast, inp, hx, leaves), run(ref, inp, hx, leaves), **TOL[dtype])
+
+
+@pytest.mark.parametrize("config", GRID, ids=[_ids(p) for p in GRID])
+def test_grid_float64(config):
+    L, bi, proj, bias, bf, mode, hx = config
+    _check(torch.float64, 5, 4, 3, 6, L, bi, proj, bias, bf, mode, hx)
+
+
+@pytest.mark.parametrize("config", GRID[::3], ids=[_ids(p) for p in GRID[::3]])
+def test_grid_float32(config):
+    L, bi, proj, bias, bf, mode, hx = config
+    _check(torch.float32, 7, 5, 8, 16, L, bi, proj, bias, bf, mode, hx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,B,I,H", [(1, 3, 4, 5), (6, 1, 4, 5), (1, 1, 1, 1), (9, 7, 13, 11),
+                                     (3, 2, 33, 17), (4, 3, 5, 64)])
+def test_awkward_shapes(dtype, T, B, I, H):
+    _check(dtype, T, B, I, H, num_layers=2, bidirectional=True)
+    _check(dtype, T, B, I, H, mode="unsorted" if B > 1 else "sorted")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_three_layers_proj_packed(dtype):
+    _check(dtype, 8, 6, 5, 12, num_layers=3, bidirectional=True, proj_size=5, mode="unsorted")
+
+
+def test_larger_float32():
+    # Vector widths and the row-parallel path (several rows per thread) are exercised.
+    _check(torch.float32, 20, 33, 40, 70, num_layers=2, bidirectional=True)
+    _check(torch.float32, 20, 33, 40, 70, mode="sorted")
+
+
+def test_eval_mode_dropout_is_identity():
+    fast, ref = make_pair(4, 6, num_layers=3, dropout=0.5)
+    fast.eval(), ref.eval()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL[torch.float64])
+
+
+def test_training_dropout_between_layers():
+    fast, _ = make_pair(4, 6, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 64, 4, dtype=torch.float64)
+    fast.train()
+    a, b = fast(x)[0], fast(x)[0]
+    assert not torch.equal(a, b), "dropout between layers must make training outputs random"
+    fast.eval()
+    torch.testing.assert_close(fast(x)[0], fast(x)[0], rtol=0, atol=0)
+    # p=1 zeroes the first layer's output: the second layer then sees zero input.
+    fast1, _ = make_pair(4, 6, num_layers=2, dropout=1.0)
+    zero_in = fastlstm_second_layer_only(fast1, x)
+    torch.testing.assert_close(fast1.train()(x)[0], zero_in, **TOL[torch.float64])
+
+
+def fastlstm_second_layer_only(module, x):
+    import fastlstm
+    single = fastlstm.LSTM(module.hidden_size, module.hidden_size, dtype=x.dtype)
+    single.weight_ih_l0.data.copy_(module.weight_ih_l1)
+    single.weight_hh_l0.data.copy_(module.weight_hh_l1)
+    single.bias_ih_l0.data.copy_(module.bias_ih_l1)
+    single.bias_hh_l0.data.copy_(module.bias_hh_l1)
+    return single(torch.zeros(x.shape[0], x.shape[1], module.hidden_size, dtype=x.dtype))[0]
+
+
+def test_unbatched_input():
+    for kwargs in (dict(), dict(bidirectional=True, proj_size=2)):
+        fast, ref = make_pair(4, 6, **kwargs)
+        x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        hx = tuple(t[:, 0].detach().requires_grad_() for t in make_hx(fast, 1, torch.float64))
+        assert_same(run(fast, x, hx, [x, *hx]), run(ref, x, hx, [x, *hx]), **TOL[torch.float64])
+        assert_same(run(fast, x, None, [x]), run(ref, x, None, [x]), **TOL[torch.float64])
+
+
+def test_batch_size_zero():
+    fast, ref = make_pair(4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 0, 4, dtype=torch.float64, requires_grad=True)
+    out_f, (h_f, c_f) = fast(x)
+    out_r, (h_r, c_r) = ref(x)
+    assert out_f.shape == out_r.shape and h_f.shape == h_r.shape and c_f.shape == c_r.shape
+    out_f.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_within_torch_error(dtype):
+    """Our error against a float64 reference is at most a small multiple of PyTorch's own error in
+    that dtype (bfloat16: torch.nn.LSTM's; float16, which torch's CPU LSTM does not run: torch's
+    plain-PyTorch composite in float16, fastlstm.reference)."""
+    import fastlstm
+    T, B, I, H = 20, 8, 32, 64
+    fast64, ref64 = make_pair(I, H, num_layers=2, bidirectional=True)
+    x64 = torch.randn(T, B, I, dtype=torch.float64)
+    gold = ref64(x64)[0]
+    ours = fast64.to(dtype)(x64.to(dtype))[0].double()
+    if dtype == torch.bfloat16:
+        theirs = ref64.to(dtype)(x64.to(dtype))[0].double()
+    else:
+        w = [p.to(dtype) for p in ref64.parameters()]
+        h = torch.zeros(B, H, dtype=dtype)
+        l0f = fastlstm.reference.lstm_layer(x64.to(dtype), h, h, *w[0:4])[0]
+        l0b = fastlstm.reference.lstm_layer(x64.to(dtype), h, h, *w[4:8], reverse=True)[0]
+        l1 = torch.cat([l0f, l0b], 2)
+        theirs = torch.cat([fastlstm.reference.lstm_layer(l1, h, h, *w[8:12])[0],
+                            fastlstm.reference.lstm_layer(l1, h, h, *w[12:16], reverse=True)[0]],
+                           2).double()
+    err_ours = (ours - gold).abs().max().item()
+    err_theirs = (theirs - gold).abs().max().item()
+    assert err_ours <= 2 * err_theirs + 1e-3, (err_ours, err_theirs)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("mode", ["padded", "unsorted", "sorted"])
+def test_single_thread_path(one_thread, mode):
+    # With one thread a step is a single block and a single matmul call (batch 1: the GEMV path).
+    for B in (1, 3):
+        _check(torch.float32, 9, B, 20, 70, num_layers=2, bidirectional=True,
+               mode=mode if B > 1 else "padded")
+        _check(torch.float64, 9, B, 20, 70, proj_size=5, mode=mode if B > 1 else "padded")
+
+
+def test_blas_fallback_path():
+    # Where torch's brgemm cannot run (FASTLSTM_CPU_GEMM=blas forces this), the steps use BLAS.
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import torch, test_parity\n"
+            "for n in (1, 2):\n"
+            "    torch.set_num_threads(n)\n"
+            "    test_parity._check(torch.float32, 9, 17, 20, 150, num_layers=2, bidirectional=True,"
+            " mode='unsorted')\n"
+            "    test_parity._check(torch.float32, 6, 1, 8, 40, proj_size=4)\n"
+            "print('ok')\n") % str(Path(__file__).parent)
+    env = dict(__import__("os").environ, FASTLSTM_CPU_GEMM="blas")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
