@@ -99,7 +99,7 @@ class LSTM(nn.RNNBase):
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
-            output = output.squeeze(1)
+            output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
@@ -175,24 +175,27 @@ def _lstm(
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-def _packed_mask(batch_sizes: Tensor, device: torch.device) -> Tensor:
-    """[T, B] bool: row b of step t is present in the packed data. Packed data is laid out time-major
-    over exactly these positions, so boolean indexing with it packs and unpacks."""
+def _packed_index(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Positions t * B + b of the packed rows in a padded [T, B] batch, in packed (time-major)
+    order, and the lengths [B]; both built on the CPU from batch_sizes (which lives there), so no
+    data-dependent op runs on the device (none can on meta; on CUDA it would synchronise)."""
     B = int(batch_sizes[0])
-    return (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)).to(device)
+    present = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
+    index = present.view(-1).nonzero().squeeze(1)
+    return index.to(device), present.sum(0).to(device)
 
 
 def _pad_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
     """Packed [N, I] -> padded [T, B, I] (sorted batch order) and lengths [B] on data's device."""
-    mask = _packed_mask(batch_sizes, data.device)
-    padded = data.new_zeros(mask.shape + data.shape[1:])
-    padded = padded.index_put((mask,), data)
-    lengths = mask.sum(0)
-    return padded, lengths
+    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    index, lengths = _packed_index(batch_sizes, data.device)
+    padded = data.new_zeros(T * B, *data.shape[1:]).index_copy(0, index, data)
+    return padded.view(T, B, *data.shape[1:]), lengths
 
 
 def _pack_padded(x: Tensor, batch_sizes: Tensor) -> Tensor:
-    return x[_packed_mask(batch_sizes, x.device)]
+    index, _ = _packed_index(batch_sizes, x.device)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, index)
 
 
 def replace_lstm(module: nn.Module) -> nn.Module:
