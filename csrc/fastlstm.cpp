@@ -14,6 +14,8 @@
 //            A step t >= lengths[b] leaves sequence b's state unchanged and writes a zero output.
 //   reverse  run t = T-1 .. 0 (the reverse direction of a bidirectional layer); with lengths,
 //            sequence b starts at t = lengths[b] - 1.
+//   training whether the backward will run: without it nothing is saved (gates, cells and hidden
+//            come back with shape [0]) and the forward needs far less memory.
 //
 // lstm_layer_forward returns
 //   output   [T, B, P]     h_t at every step (zero past a sequence's length)
@@ -33,7 +35,7 @@
 TORCH_LIBRARY(fastlstm, m) {
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse) "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training=True) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "

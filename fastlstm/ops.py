@@ -67,9 +67,12 @@ def lstm_layer(
     input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None,
     w_hr [P, H] or None, lengths [B] int64 on the input's device or None; see csrc/fastlstm.cpp."""
     if _compiled_for(input.device):
-        out = torch.ops.fastlstm.lstm_layer_forward(
-            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse
-        )
+        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        # Whether backward can run. A jit.trace bakes this in as a constant, so a trace keeps what
+        # backward needs whatever the grad mode it was traced under.
+        training = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors))
+        out = torch.ops.fastlstm.lstm_layer_forward(*tensors, lengths, reverse, training)
         return out[0], out[1], out[2]
     return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
@@ -81,20 +84,22 @@ def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
 if LOADED:
 
     @torch.library.register_fake(_FORWARD)
-    def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+    def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                      training=True):
         T, B, _ = input.shape
         H = w_ih.shape[0] // 4
         P = w_hr.shape[0] if w_hr is not None else H
         torch._check(w_hh.shape == (4 * H, P), lambda: f"w_hh must have shape {(4 * H, P)}")
         torch._check(h0.shape == (B, P), lambda: f"h0 must have shape {(B, P)}, got {h0.shape}")
         torch._check(c0.shape == (B, H), lambda: f"c0 must have shape {(B, H)}, got {c0.shape}")
+        saved = training
         return (
             input.new_empty(T, B, P),
             input.new_empty(B, P),
             input.new_empty(B, H),
-            input.new_empty(T, B, 4 * H),
-            input.new_empty(T, B, H, dtype=_cell_dtype(input.dtype)),
-            input.new_empty(T, B, H) if w_hr is not None else input.new_empty(0),
+            input.new_empty((T, B, 4 * H) if saved else (0,)),
+            input.new_empty((T, B, H) if saved else (0,), dtype=_cell_dtype(input.dtype)),
+            input.new_empty(T, B, H) if saved and w_hr is not None else input.new_empty(0),
         )
 
     @torch.library.register_fake(_BACKWARD)
@@ -112,14 +117,20 @@ if LOADED:
         )
 
     def _setup_context(ctx, inputs, output):
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse = inputs
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *training = inputs
         out, _, _, gates, cells, hidden = output
+        if training and not training[0]:
+            ctx.saved_nothing = True
         ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates,
                               cells, hidden)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(gates, cells, hidden)
 
     def _backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells, _hidden):
+        if getattr(ctx, "saved_nothing", False):
+            raise RuntimeError(
+                "fastlstm: backward through lstm_layer_forward called with training=False, which "
+                "saves nothing for backward; call it with training=True")
         input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, hidden = (
             ctx.saved_tensors
         )
@@ -146,7 +157,7 @@ if LOADED:
             g_bias if b_ih is not None else None,
             g_bias if b_hh is not None else None,
             g_w_hr if w_hr is not None else None,
-            None, None,
+            None, None, None,
         )
 
     def _backward_differentiable(ctx, grad_outputs, tensors, lengths):
@@ -156,7 +167,7 @@ if LOADED:
             found = torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
                                         allow_unused=True)
         by_id = {id(t): g for t, g in zip(wanted, found)}
-        return (*(None if t is None else by_id.get(id(t)) for t in tensors), None, None)
+        return (*(None if t is None else by_id.get(id(t)) for t in tensors), None, None, None)
 
     torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
 

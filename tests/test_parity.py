@@ -183,3 +183,42 @@ def test_blas_fallback_path():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("B,H,T", [(1, 6, 5), (2, 33, 9), (5, 20, 7), (64, 512, 70)])
+def test_inference_path(B, H, T):
+    """Without autograd the op saves nothing and projects the input a few steps at a time
+    (64 x 512 x 70 spans three such chunks); results stay torch's."""
+    dtype = torch.float64 if H < 100 else torch.float32
+    for kwargs, mode in ((dict(num_layers=2, bidirectional=True), "unsorted"),
+                         (dict(proj_size=3, bidirectional=True), "sorted"),
+                         (dict(), "padded")):
+        fast, ref = make_pair(H, H, dtype=dtype, **kwargs)
+        lengths = None
+        if mode != "padded" and B > 1:
+            lengths = torch.randint(1, T + 1, (B,)).tolist()
+            lengths[0] = T
+            if mode == "sorted":
+                lengths.sort(reverse=True)
+        inp, _ = make_input(T, B, H, dtype, lengths=lengths, sorted_=mode == "sorted")
+        with torch.no_grad():
+            out_f, (h_f, c_f) = fast(inp)
+            out_r, (h_r, c_r) = ref(inp)
+        if lengths is not None:
+            out_f, out_r = out_f.data, out_r.data
+        tol = TOL[dtype]
+        torch.testing.assert_close(out_f, out_r, **tol)
+        torch.testing.assert_close(h_f, h_r, **tol)
+        torch.testing.assert_close(c_f, c_r, **tol)
+
+
+def test_inference_saves_nothing():
+    import fastlstm
+    x, h = torch.randn(4, 3, 5), torch.zeros(3, 6)
+    w_ih, w_hh = torch.randn(24, 5), torch.randn(24, 6)
+    out = torch.ops.fastlstm.lstm_layer_forward(x, h, h, w_ih, w_hh, None, None, None, None, False,
+                                                False)
+    assert [t.numel() for t in out[3:]] == [0, 0, 0]
+    full = torch.ops.fastlstm.lstm_layer_forward(x, h, h, w_ih, w_hh, None, None, None, None, False)
+    torch.testing.assert_close(out[0], full[0], rtol=0, atol=0)
+    assert fastlstm.backend("cpu") == "compiled"

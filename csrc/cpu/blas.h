@@ -133,6 +133,70 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   gemm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc);  // BLAS runs serially when nested
 }
 
+// C[M, N] (ldc) = A[M, K] (lda) @ W^T for W [N, K] (ldw), M <= 2, on the calling thread: a batch-1
+// or batch-2 step computed as dot products with the weight's own rows, so nothing has to be packed.
+template <typename T, int M>
+void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw, T* C,
+                        int64_t ldc) {
+  using Vec = at::vec::Vectorized<T>;
+  // Weight rows in flight: enough independent FMA chains to hide the FMA latency, within 16 registers.
+  constexpr int64_t kV = Vec::size(), kR = M == 1 ? 8 : 4;
+  const int64_t Kv = K - K % kV;
+  auto dot_tail = [&](Vec acc, const T* a, const T* w) {
+    T sum = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc);
+    for (int64_t k = Kv; k < K; ++k) sum += a[k] * w[k];
+    return sum;
+  };
+  int64_t n = 0;
+  for (; n + kR <= N; n += kR) {
+    Vec acc[M][kR];
+    for (int m = 0; m < M; ++m)
+      for (int64_t r = 0; r < kR; ++r) acc[m][r] = Vec(T(0));
+    for (int64_t k = 0; k < Kv; k += kV) {
+      Vec a[M];
+      for (int m = 0; m < M; ++m) a[m] = Vec::loadu(A + m * lda + k);
+      for (int64_t r = 0; r < kR; ++r) {
+        const Vec w = Vec::loadu(W + (n + r) * ldw + k);
+        for (int m = 0; m < M; ++m) acc[m][r] = at::vec::fmadd(a[m], w, acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int64_t r = 0; r < kR; ++r)
+        C[m * ldc + n + r] = dot_tail(acc[m][r], A + m * lda, W + (n + r) * ldw);
+  }
+  for (; n < N; ++n) {
+    for (int m = 0; m < M; ++m) {
+      Vec acc(T(0));
+      for (int64_t k = 0; k < Kv; k += kV)
+        acc = at::vec::fmadd(Vec::loadu(A + m * lda + k), Vec::loadu(W + n * ldw + k), acc);
+      C[m * ldc + n] = dot_tail(acc, A + m * lda, W + n * ldw);
+    }
+  }
+}
+
+template <typename T>
+void gemm_nt_small(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+                   T* C, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(M <= 2);
+  if (M == 1) gemm_nt_small_impl<T, 1>(N, K, A, lda, W, ldw, C, ldc);
+  if (M == 2) gemm_nt_small_impl<T, 2>(N, K, A, lda, W, ldw, C, ldc);
+}
+
+// C[M, N] (ldc) = A[M, K] (lda) @ B[K, N] (ldb), in parallel over column blocks of C.
+template <typename T>
+void matmul_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 T* C, int64_t ldc) {
+  constexpr int64_t nt = 64;
+  const int64_t blocks = (N + nt - 1) / nt;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, M * nt * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * nt;
+      gemm_serial<T>(M, std::min(nt, N - n0), K, A, lda, B + n0, ldb, C + n0, ldc);
+    }
+  });
+}
+
 // w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.
 inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + nt - 1) / nt;
@@ -144,7 +208,7 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
                    int64_t nt, T* C, int64_t ldc) {
-  constexpr int64_t mt = 64;
+  constexpr int64_t mt = 256;  // a tile of A (and one panel of B) stays in L2 across the panels
   const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.

@@ -30,10 +30,37 @@ namespace {
 
 using at::vec::Vectorized;
 
+// Gate nonlinearities. float32 uses at::vec's polynomial exp (20 ulp, about 1e-6 relative, inline)
+// instead of Sleef's 1-ulp exp and tanh: the difference is far below float32 LSTM rounding noise and
+// the gate math is a tenth of a step. float64 keeps the accurate functions. Forward and backward use
+// the same functions, so the gradient is that of the function computed.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // The polynomial is only valid on finite arguments and turns NaN into a number: clamp (exp(80)
+    // is already beyond what a sigmoid or tanh resolves in float32) and put NaN back.
+    const Vectorized<float> e =
+        at::vec::clamp(x, Vectorized<float>(-80.f), Vectorized<float>(80.f)).exp_u20();
+    return Vectorized<float>::blendv(e, x, x.isnan());
+  } else {
+    return x.exp();
+  }
+}
+
 template <typename acc_t>
 inline Vectorized<acc_t> vsigmoid(Vectorized<acc_t> x) {
   const Vectorized<acc_t> one(acc_t(1));
-  return one / (one + x.neg().exp());
+  return one / (one + vexp(x.neg()));
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> vtanh(Vectorized<acc_t> x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const Vectorized<acc_t> one(acc_t(1)), two(acc_t(2));
+    return one - two / (one + vexp(x + x));
+  } else {
+    return x.tanh();
+  }
 }
 
 // Rows [0, rows) are processed; below `grain` rows the work stays on one thread.
@@ -58,7 +85,7 @@ inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t*
       Vec v = Vec::loadu(pre + q * pre_stride + j, cnt) + Vec::loadu(rec + q * rec_stride + j, cnt);
       return bias == nullptr ? v : v + Vec::loadu(bias + q * pre_stride + j, cnt);
     };
-    const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = gate(2).tanh(), o = vsigmoid(gate(3));
+    const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = vtanh(gate(2)), o = vsigmoid(gate(3));
     const Vec cn = f * Vec::loadu(c + j, cnt) + i * z;
     i.store(pre + j, cnt);
     f.store(pre + pre_stride + j, cnt);
@@ -66,7 +93,7 @@ inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t*
     o.store(pre + 3 * pre_stride + j, cnt);
     cn.store(c + j, cnt);
     cn.store(cell_out + j, cnt);
-    (o * cn.tanh()).store(m + j, cnt);
+    (o * vtanh(cn)).store(m + j, cnt);
   }
 }
 
@@ -84,7 +111,7 @@ inline void cell_backward_row(int64_t H, const acc_t* dm, acc_t* dc, const acc_t
     const int64_t n = std::min(kV, H - j);
     const Vec i = Vec::loadu(gates + j, n), f = Vec::loadu(gates + H + j, n);
     const Vec z = Vec::loadu(gates + 2 * H + j, n), o = Vec::loadu(gates + 3 * H + j, n);
-    const Vec tc = Vec::loadu(c + j, n).tanh();
+    const Vec tc = vtanh(Vec::loadu(c + j, n));
     const Vec dmv = Vec::loadu(dm + j, n);
     const Vec dct = Vec::loadu(dc + j, n) + dmv * o * (one - tc * tc);
     (dct * z * i * (one - i)).store(dg + j, n);
@@ -136,14 +163,16 @@ at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// C[M, 4H] (ldc) = A[M, K] @ w^T for a [4H, K] weight: the input projection of all steps.
+// Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I]. Large products go through brgemm on
+// weight panels packed once per call (`panels`, filled on first use); small ones through ATen.
 template <typename acc_t>
-void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& c) {
+void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels, at::Tensor c) {
+  constexpr int64_t nt = 64;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu::brgemm_usable()) {
-      constexpr int64_t nt = 64;
+    if (cpu::brgemm_usable() && a.size(0) >= 256) {
+      if (!panels.defined()) panels = cpu::pack_panels(w, nt);
       cpu::matmul_panels<float>(a.size(0), w.size(0), a.size(1), a.data_ptr<float>(), a.size(1),
-                                cpu::pack_panels(w, nt), nt, c.data_ptr<float>(), c.size(1));
+                                panels, nt, c.data_ptr<float>(), c.size(1));
       return;
     }
   }
@@ -172,32 +201,42 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const LayerSizes& s, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& w_hr,
-    const at::Tensor& lengths, bool reverse) {
+    const at::Tensor& lengths, bool reverse, bool training) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kLowPrecision = !std::is_same_v<acc_t, scalar_t>;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
   const bool has_proj = s.has_proj;
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-  at::Tensor gates_a = at::empty({T, B, 4 * H}, acc);
-  at::Tensor gates_2d = gates_a.view({T * B, 4 * H});
-  project_input<acc_t>(input.reshape({T * B, I}).to(acc).contiguous(), w_ih.to(acc).contiguous(),
-                       gates_2d);
+  // The input part of the pre-activations. Training keeps every step's (the buffer becomes the saved
+  // gates); inference projects a few steps at a time (about 4 MB) into one reused buffer.
+  const int64_t chunk =
+      training ? T : std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(1, B * 4 * H), 1,
+                                         std::max<int64_t>(T, 1));
+  const at::Tensor x_a = input.reshape({T * B, I}).to(acc).contiguous();
+  const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
+  at::Tensor w_ih_panels;
+  at::Tensor gates_a = at::empty({chunk, B, 4 * H}, acc);
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
   // Blocks of hidden units: small enough to share a step among threads, but a step too small to be
-  // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call.
+  // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call. Up to batch 2 the
+  // matmul reads w_hh's rows directly; above it, brgemm reads per-block panels packed once per call.
   const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
   const int64_t nb = one_block ? (H + 15) / 16 * 16 : (H <= 128 ? 16 : 32);
   const int64_t blocks = (H + nb - 1) / nb;
-  const at::Tensor panels = pack_gate_panels(w_hh.to(acc).contiguous(), H, nb);
+  const bool dot_rows = B <= 2;
+  const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
+  // Packed on every call: a cache keyed on the weight's version counter would miss in-place writes
+  // through `.data`, which do not bump it.
+  const at::Tensor panels = dot_rows ? at::Tensor() : pack_gate_panels(w_hh_a, H, nb);
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
   at::Tensor scratch = at::empty({at::get_num_threads(), B, 4 * nb}, acc);
 
   at::Tensor output = at::empty({T, B, P}, input.options());
-  at::Tensor cells = at::empty({T, B, H}, acc);
-  at::Tensor hidden = has_proj ? at::empty({T, B, H}, acc) : at::Tensor();
+  at::Tensor cells = training ? at::empty({T, B, H}, acc) : at::Tensor();
+  at::Tensor hidden = has_proj ? at::empty({training ? T : 1, B, H}, acc) : at::Tensor();
   at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
   h_buf[0].copy_(h0);
   at::Tensor c = c0.to(acc).contiguous().clone();  // [B, H]
@@ -205,31 +244,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor h_proj = has_proj ? at::empty({B, P}, acc) : at::Tensor();
 
   const Activity act = make_activity(lengths, B);
-  // A chunk of blocks should be worth a parallel fork: about 2^17 multiply-adds.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
+  int64_t t_lo = 0;  // first time index held by gates_a
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
+    if (step % chunk == 0) {
+      const int64_t n = std::min(chunk, T - step);
+      t_lo = reverse ? T - step - n : step;
+      project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels,
+                           gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B));
+    }
     const int64_t rows = act.rows(t);
-    acc_t* g_t = gates_a.data_ptr<acc_t>() + t * B * 4 * H;
-    acc_t* cell_t = cells.data_ptr<acc_t>() + t * B * H;
+    acc_t* g_t = gates_a.data_ptr<acc_t>() + (t - t_lo) * B * 4 * H;
+    acc_t* cp = c.data_ptr<acc_t>();
+    acc_t* cell_t = training ? cells.data_ptr<acc_t>() + t * B * H : cp;
     scalar_t* out_t = output.data_ptr<scalar_t>() + t * B * P;
-    acc_t* m_t = has_proj ? hidden.data_ptr<acc_t>() + t * B * H : m_step.data_ptr<acc_t>();
+    acc_t* m_t = has_proj ? hidden.data_ptr<acc_t>() + (training ? t : 0) * B * H
+                          : m_step.data_ptr<acc_t>();
     const acc_t* h_cur = h_buf.data_ptr<acc_t>() + (step % 2) * B * P;
     acc_t* h_next = h_buf.data_ptr<acc_t>() + ((step + 1) % 2) * B * P;
-    acc_t* cp = c.data_ptr<acc_t>();
 
     at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
       acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * B * 4 * nb;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j0 = k * nb, n = std::min(nb, H - j0);
-        cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P, panels.data_ptr<acc_t>() + k * P * 4 * nb,
-                                4 * nb, rec, 4 * nb);
+        if (dot_rows) {
+          for (int q = 0; q < 4 && rows > 0; ++q) {
+            cpu::gemm_nt_small<acc_t>(rows, n, P, h_cur, P, w_hh_a.data_ptr<acc_t>() + (q * H + j0) * P,
+                                      P, rec + q * nb, 4 * nb);
+          }
+        } else {
+          cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
+                                  panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * nb);
+        }
         for (int64_t b = 0; b < B; ++b) {
           acc_t* g = g_t + b * 4 * H + j0;
           acc_t* m = m_t + b * H + j0;
           if (!act.active(b, t)) {
             for (int q = 0; q < 4; ++q) std::fill(g + q * H, g + q * H + n, acc_t(0));
-            std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
+            if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
             std::fill(m, m + n, acc_t(0));
             if (!has_proj) {
               std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
@@ -259,11 +312,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
 
+  at::Tensor h_n = h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor c_n = c.to(input.scalar_type());
+  if (!training) {
+    const at::Tensor none = at::empty({0}, input.options());
+    return {output, h_n, c_n, none, at::empty({0}, acc), none};
+  }
   at::Tensor gates = kLowPrecision ? gates_a.to(input.scalar_type()) : gates_a;
   at::Tensor hidden_out = has_proj ? hidden.to(input.scalar_type())
                                    : at::empty({0}, input.options());
-  at::Tensor h_n = h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  return {output, h_n, c.to(input.scalar_type()), gates, cells, hidden_out};
+  return {output, h_n, c_n, gates, cells, hidden_out};
 }
 
 template <typename scalar_t>
@@ -285,8 +343,6 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const at::Tensor grad_out_a = grad_output.to(acc).contiguous();
   const at::Tensor c0_a = c0.to(acc).contiguous();
   const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
-  constexpr int64_t kPanel = 64;
-  const at::Tensor w_hh_panels = cpu::pack_panels(w_hh_a.t().contiguous(), kPanel);  // dG @ w_hh
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
 
   at::Tensor dG = at::empty({T, B, 4 * H}, acc);
@@ -342,7 +398,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       }
     });
 
-    cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_panels, kPanel, dhq, P);
+    cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
     for (int64_t b = 0; b < rows; ++b) {
       if (!act.active(b, t)) continue;
       std::copy(dhq + b * P, dhq + (b + 1) * P, dhp + b * P);
@@ -392,7 +448,7 @@ lstm_layer_forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::
                        const at::Tensor& w_ih, const at::Tensor& w_hh,
                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                        const std::optional<at::Tensor>& w_hr,
-                       const std::optional<at::Tensor>& lengths, bool reverse) {
+                       const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   const LayerSizes s = check_layer_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   at::Tensor bias;
   if (b_ih.has_value() && b_ih->defined()) bias = *b_ih;
@@ -402,7 +458,7 @@ lstm_layer_forward_cpu(const at::Tensor& input, const at::Tensor& h0, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "lstm_layer_forward_cpu", [&] {
     out = forward_impl<scalar_t>(s, input.contiguous(), h0, c0, w_ih, w_hh, bias,
-                                 opt_or_undefined(w_hr), len, reverse);
+                                 opt_or_undefined(w_hr), len, reverse, training);
   });
   return out;
 }

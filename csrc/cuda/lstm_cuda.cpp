@@ -110,7 +110,7 @@ lstm_layer_forward_cuda(const at::Tensor& input, const at::Tensor& h0, const at:
                         const std::optional<at::Tensor>& b_ih,
                         const std::optional<at::Tensor>& b_hh,
                         const std::optional<at::Tensor>& w_hr,
-                        const std::optional<at::Tensor>& lengths, bool reverse) {
+                        const std::optional<at::Tensor>& lengths, bool reverse, bool training) {
   check_cuda(input, "input");
   const LayerSizes s = check_layer_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_kernel_limits(s);
@@ -125,8 +125,17 @@ lstm_layer_forward_cuda(const at::Tensor& input, const at::Tensor& h0, const at:
   at::Tensor gates = at::empty({T, B, 4 * H}, opts);
   at::Tensor cells = at::empty({T, B, H}, cell_opts);
   at::Tensor hidden = has_proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+  // Without training nothing is saved (contract in csrc/fastlstm.cpp). The kernels still write the
+  // saved tensors; skipping those writes is left to the GPU-speed work.
+  const auto result = [&](at::Tensor out, at::Tensor h_n, at::Tensor c_n)
+      -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    if (!training) {
+      return {out, h_n, c_n, at::empty({0}, opts), at::empty({0}, cell_opts), at::empty({0}, opts)};
+    }
+    return {out, h_n, c_n, gates, cells, hidden};
+  };
   if (T == 0 || B == 0) {
-    return {output, fresh_copy(h0, opts), fresh_copy(c0, opts), gates, cells, hidden};
+    return result(output, fresh_copy(h0, opts), fresh_copy(c0, opts));
   }
 
   const at::Tensor x = input.contiguous();
@@ -164,7 +173,7 @@ lstm_layer_forward_cuda(const at::Tensor& input, const at::Tensor& h0, const at:
   });
 
   at::Tensor c_n = c_state.scalar_type() == dtype ? c_state : c_state.to(dtype);
-  return {output, h_state[T % 2], c_n, gates, cells, hidden};
+  return result(output, h_state[T % 2], c_n);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
