@@ -49,7 +49,8 @@ class LSTM(nn.RNNBase):
                 self.check_forward_args(data, hx, batch_sizes)
             else:
                 self.check_input(data, batch_sizes)
-            x, lengths = _pad_packed(data, batch_sizes)
+            packed_index, lengths = _packed_index(batch_sizes, data.device)
+            x = _pad_packed(data, batch_sizes, packed_index)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -93,7 +94,7 @@ class LSTM(nn.RNNBase):
 
         if batch_sizes is not None:
             output = PackedSequence(
-                _pack_padded(output, batch_sizes), batch_sizes, sorted_indices, unsorted_indices
+                _pack_padded(output, packed_index), batch_sizes, sorted_indices, unsorted_indices
             )
             return output, self.permute_hidden((h_n, c_n), unsorted_indices)
         if self.batch_first:
@@ -185,16 +186,14 @@ def _packed_index(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Te
     return index.to(device), present.sum(0).to(device)
 
 
-def _pad_packed(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed [N, I] -> padded [T, B, I] (sorted batch order) and lengths [B] on data's device."""
+def _pad_packed(data: Tensor, batch_sizes: Tensor, index: Tensor) -> Tensor:
+    """Packed [N, I] -> padded [T, B, I] (sorted batch order)."""
     T, B = batch_sizes.numel(), int(batch_sizes[0])
-    index, lengths = _packed_index(batch_sizes, data.device)
     padded = data.new_zeros(T * B, *data.shape[1:]).index_copy(0, index, data)
-    return padded.view(T, B, *data.shape[1:]), lengths
+    return padded.view(T, B, *data.shape[1:])
 
 
-def _pack_padded(x: Tensor, batch_sizes: Tensor) -> Tensor:
-    index, _ = _packed_index(batch_sizes, x.device)
+def _pack_padded(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, index)
 
 

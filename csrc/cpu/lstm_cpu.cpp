@@ -169,7 +169,7 @@ template <typename acc_t>
 void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels, at::Tensor c) {
   constexpr int64_t nt = 64;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu::brgemm_usable() && a.size(0) >= 256) {
+    if (cpu::brgemm_usable() && a.size(0) >= 2048) {  // below, MKL's GEMM is as fast without packing
       if (!panels.defined()) panels = cpu::pack_panels(w, nt);
       cpu::matmul_panels<float>(a.size(0), w.size(0), a.size(1), a.data_ptr<float>(), a.size(1),
                                 panels, nt, c.data_ptr<float>(), c.size(1));
@@ -181,11 +181,27 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 
 // w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
 // hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
-inline at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
+// A transposing copy: for each p, the 4 * nb source rows' cache lines stay in L1 across consecutive p.
+template <typename acc_t>
+at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
-  at::Tensor w = w_hh.view({4, H, P});
-  if (blocks * nb != H) w = at::constant_pad_nd(w, {0, 0, 0, blocks * nb - H});
-  return w.view({4, blocks, nb, P}).permute({1, 3, 0, 2}).contiguous();
+  at::Tensor panels = at::empty({blocks, P, 4 * nb}, w_hh.options());
+  const acc_t* w = w_hh.data_ptr<acc_t>();
+  acc_t* out = panels.data_ptr<acc_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j0 = k * nb, n = std::min(nb, H - j0);
+      acc_t* dst = out + k * P * 4 * nb;
+      for (int64_t p = 0; p < P; ++p, dst += 4 * nb) {
+        for (int64_t q = 0; q < 4; ++q) {
+          const acc_t* src = w + (q * H + j0) * P + p;
+          for (int64_t jj = 0; jj < n; ++jj) dst[q * nb + jj] = src[jj * P];
+          for (int64_t jj = n; jj < nb; ++jj) dst[q * nb + jj] = acc_t(0);
+        }
+      }
+    }
+  });
+  return panels;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -209,9 +225,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   // The input part of the pre-activations. Training keeps every step's (the buffer becomes the saved
-  // gates); inference projects a few steps at a time (about 4 MB) into one reused buffer.
+  // gates); inference projects a few steps at a time (about 16 MB) into one reused buffer.
   const int64_t chunk =
-      training ? T : std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(1, B * 4 * H), 1,
+      training ? T : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
                                          std::max<int64_t>(T, 1));
   const at::Tensor x_a = input.reshape({T * B, I}).to(acc).contiguous();
   const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
@@ -224,13 +240,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call. Up to batch 2 the
   // matmul reads w_hh's rows directly; above it, brgemm reads per-block panels packed once per call.
   const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
-  const int64_t nb = one_block ? (H + 15) / 16 * 16 : (H <= 128 ? 16 : 32);
+  const int64_t threads = at::get_num_threads();
+  const int64_t nb = one_block ? (H + 15) / 16 * 16
+                               : std::clamp<int64_t>((H / threads + 15) / 16 * 16, 16, 64);
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
   const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
   // Packed on every call: a cache keyed on the weight's version counter would miss in-place writes
   // through `.data`, which do not bump it.
-  const at::Tensor panels = dot_rows ? at::Tensor() : pack_gate_panels(w_hh_a, H, nb);
+  const at::Tensor panels = dot_rows ? at::Tensor() : pack_gate_panels<acc_t>(w_hh_a, H, nb);
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
   at::Tensor scratch = at::empty({at::get_num_threads(), B, 4 * nb}, acc);
 
