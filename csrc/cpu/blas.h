@@ -182,6 +182,26 @@ void gemm_nt_small(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
   if (M == 2) gemm_nt_small_impl<T, 2>(N, K, A, lda, W, ldw, C, ldc);
 }
 
+// B [K, N] row-major as column panels [ceil(N / nt), K, nt] (zero past N): row copies, no transpose,
+// in parallel over panels.
+template <typename T>
+at::Tensor column_panels(const T* B, int64_t K, int64_t N, int64_t nt, const at::TensorOptions& opts) {
+  const int64_t blocks = (N + nt - 1) / nt;
+  at::Tensor panels = at::empty({blocks, K, nt}, opts);
+  T* out = panels.data_ptr<T>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * nt, n = std::min(nt, N - n0);
+      for (int64_t k = 0; k < K; ++k) {
+        T* dst = out + (blk * K + k) * nt;
+        std::copy(B + k * N + n0, B + k * N + n0 + n, dst);
+        std::fill(dst + n, dst + nt, T(0));
+      }
+    }
+  });
+  return panels;
+}
+
 // C[M, N] (ldc) = A[M, K] (lda) @ B[K, N] (ldb), in parallel over column blocks of C.
 template <typename T>
 void matmul_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,

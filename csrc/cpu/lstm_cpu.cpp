@@ -361,6 +361,12 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const at::Tensor grad_out_a = grad_output.to(acc).contiguous();
   const at::Tensor c0_a = c0.to(acc).contiguous();
   const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
+  // dh_{t-1} = dG_t @ w_hh: above batch 2, brgemm reads w_hh as contiguous column panels (cheap row
+  // copies); read in place, a large w_hh's rows are too far apart for the micro-kernel's loads.
+  constexpr int64_t kPanel = 64;
+  const at::Tensor w_hh_panels =
+      B > 2 ? cpu::column_panels<acc_t>(w_hh_a.data_ptr<acc_t>(), 4 * H, P, kPanel, acc)
+            : at::Tensor();
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
 
   at::Tensor dG = at::empty({T, B, 4 * H}, acc);
@@ -416,7 +422,11 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       }
     });
 
-    cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
+    if (w_hh_panels.defined()) {
+      cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_panels, kPanel, dhq, P);
+    } else {
+      cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
+    }
     for (int64_t b = 0; b < rows; ++b) {
       if (!act.active(b, t)) continue;
       std::copy(dhq + b * P, dhq + (b + 1) * P, dhp + b * P);
