@@ -74,4 +74,29 @@ inline at::ScalarType cell_dtype(at::ScalarType input_dtype) {
   return (input_dtype == at::kHalf || input_dtype == at::kBFloat16) ? at::kFloat : input_dtype;
 }
 
+// Checks the arguments of lstm_layer_backward: the forward's (as above) and the gradients and saved
+// tensors against them.
+inline LayerSizes check_backward_args(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                      const at::Tensor& grad_c_n, const at::Tensor& input,
+                                      const at::Tensor& h0, const at::Tensor& c0,
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      const std::optional<at::Tensor>& w_hr,
+                                      const std::optional<at::Tensor>& lengths,
+                                      const at::Tensor& output, const at::Tensor& gates,
+                                      const at::Tensor& cells, const at::Tensor& hidden) {
+  const LayerSizes s =
+      check_layer_args(input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  FASTLSTM_CHECK_SHAPE(grad_output, T, B, P);
+  FASTLSTM_CHECK_SHAPE(grad_h_n, B, P);
+  FASTLSTM_CHECK_SHAPE(grad_c_n, B, H);
+  FASTLSTM_CHECK_SHAPE(output, T, B, P);
+  FASTLSTM_CHECK_SHAPE(gates, T, B, 4 * H);
+  FASTLSTM_CHECK_SHAPE(cells, T, B, H);
+  if (s.has_proj) FASTLSTM_CHECK_SHAPE(hidden, T, B, H);
+  TORCH_CHECK(cells.scalar_type() == cell_dtype(input.scalar_type()), "cells must have dtype ",
+              cell_dtype(input.scalar_type()), ", got ", cells.scalar_type());
+  return s;
+}
+
 }  // namespace fastlstm

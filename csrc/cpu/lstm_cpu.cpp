@@ -499,20 +499,9 @@ lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_
                         const std::optional<at::Tensor>& lengths, const at::Tensor& output,
                         const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& hidden,
                         bool reverse) {
-  const LayerSizes s =
-      check_layer_args(input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  const bool has_proj = s.has_proj;
-  FASTLSTM_CHECK_SHAPE(grad_output, T, B, P);
-  FASTLSTM_CHECK_SHAPE(grad_h_n, B, P);
-  FASTLSTM_CHECK_SHAPE(grad_c_n, B, H);
-  FASTLSTM_CHECK_SHAPE(output, T, B, P);
-  FASTLSTM_CHECK_SHAPE(gates, T, B, 4 * H);
-  FASTLSTM_CHECK_SHAPE(cells, T, B, H);
-  if (has_proj) FASTLSTM_CHECK_SHAPE(hidden, T, B, H);
-  TORCH_CHECK(cells.scalar_type() == cell_dtype(input.scalar_type()), "cells must have dtype ",
-              cell_dtype(input.scalar_type()), ", got ", cells.scalar_type());
-  const at::Tensor len = lengths_on_cpu(lengths, T);
+  const LayerSizes s = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                                           w_hr, lengths, output, gates, cells, hidden);
+  const at::Tensor len = lengths_on_cpu(lengths, s.T);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "lstm_layer_backward_cpu", [&] {

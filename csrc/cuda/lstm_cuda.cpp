@@ -185,19 +185,12 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h
                          const at::Tensor& gates, const at::Tensor& cells,
                          const at::Tensor& hidden, bool reverse) {
   check_cuda(input, "input");
-  const LayerSizes s =
-      check_layer_args(input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
+  const LayerSizes s = check_backward_args(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh,
+                                           w_hr, lengths, output, gates, cells, hidden);
   check_kernel_limits(s);
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
   const bool has_proj = s.has_proj;
   const at::ScalarType dtype = input.scalar_type();
-  FASTLSTM_CHECK_SHAPE(grad_output, T, B, P);
-  FASTLSTM_CHECK_SHAPE(grad_h_n, B, P);
-  FASTLSTM_CHECK_SHAPE(grad_c_n, B, H);
-  FASTLSTM_CHECK_SHAPE(output, T, B, P);
-  FASTLSTM_CHECK_SHAPE(gates, T, B, 4 * H);
-  FASTLSTM_CHECK_SHAPE(cells, T, B, H);
-  if (has_proj) FASTLSTM_CHECK_SHAPE(hidden, T, B, H);
   check_same(grad_output, "grad_output", input, dtype);
   check_same(grad_h_n, "grad_h_n", input, dtype);
   check_same(grad_c_n, "grad_c_n", input, dtype);
