@@ -31,6 +31,14 @@ def test_opcheck_forward(proj, lengths, reverse, bias):
                           layer_args(proj, lengths, reverse, bias))
 
 
+@pytest.mark.parametrize("proj,lengths,reverse", [(False, False, False), (True, True, True)])
+def test_opcheck_forward_inference(proj, lengths, reverse):
+    # training=False: nothing saved (empty outputs, which must not alias one another).
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in layer_args(proj, lengths, reverse, True)]
+    torch.library.opcheck(torch.ops.fastlstm.lstm_layer_forward.default, (*args, False))
+
+
 @pytest.mark.parametrize("proj,lengths,reverse", [v[:3] for v in VARIANTS[::2]],
                          ids=[i.rsplit("-", 1)[0] for i in IDS[::2]])
 def test_opcheck_backward(proj, lengths, reverse):

@@ -332,9 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor h_n = h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   at::Tensor c_n = c.to(input.scalar_type());
-  if (!training) {
-    const at::Tensor none = at::empty({0}, input.options());
-    return {output, h_n, c_n, none, at::empty({0}, acc), none};
+  if (!training) {  // distinct empty tensors: a custom op's outputs must not alias one another
+    return {output, h_n, c_n, at::empty({0}, input.options()), at::empty({0}, acc),
+            at::empty({0}, input.options())};
   }
   at::Tensor gates = kLowPrecision ? gates_a.to(input.scalar_type()) : gates_a;
   at::Tensor hidden_out = has_proj ? hidden.to(input.scalar_type())
