@@ -41,8 +41,7 @@ class LSTM(nn.RNNBase):
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
-            packed = input
-            data, batch_sizes, sorted_indices, unsorted_indices = packed
+            data, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
