@@ -105,31 +105,20 @@ class LSTM(nn.RNNBase):
 
 
 def _check_dtypes(x: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
-    # The checks torch.nn.LSTM's kernel makes, with its messages.
-    if not x.dtype.is_floating_point:
-        raise RuntimeError(f"LSTM: expected input to be a floating point tensor, got {x.dtype}")
-    for name, h in (("hx[0]", hx[0]), ("hx[1]", hx[1])):
-        if h.dtype != x.dtype:
-            raise RuntimeError(
-                f"Input and hidden tensors are not the same dtype, found input tensor with "
-                f"{_tname(x)} and hidden tensor with {_tname(h)}"
-            )
-        if h.device != x.device:
-            raise RuntimeError(
-                f"Input and hidden tensors are not at the same device, found input tensor at "
-                f"{x.device} and hidden tensor at {h.device}"
-            )
-    for w in weights:
-        if w.dtype != x.dtype:
-            raise RuntimeError(
-                f"Input and parameter tensors are not the same dtype, found input tensor with "
-                f"{_tname(x)} and parameter tensor with {_tname(w)}"
-            )
-        if w.device != x.device:
-            raise RuntimeError(
-                f"Input and parameter tensors are not at the same device, found input tensor at "
-                f"{x.device} and parameter tensor at {w.device}"
-            )
+    # The checks torch.nn.LSTM's kernel makes, with its messages. (A non-float input never gets here:
+    # check_input has already raised torch's ValueError for it.)
+    for kind, tensors in (("hidden", hx), ("parameter", weights)):
+        for t in tensors:
+            if t.dtype != x.dtype:
+                raise RuntimeError(
+                    f"Input and {kind} tensors are not the same dtype, found input tensor with "
+                    f"{_tname(x)} and {kind} tensor with {_tname(t)}"
+                )
+            if t.device != x.device:
+                raise RuntimeError(
+                    f"Input and {kind} tensors are not at the same device, found input tensor at "
+                    f"{x.device} and {kind} tensor at {t.device}"
+                )
 
 
 def _tname(t: Tensor) -> str:
