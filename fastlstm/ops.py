@@ -83,15 +83,46 @@ def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if LOADED:
 
+    def _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+        """check_layer_args (csrc/lstm_checks.h) for the fake kernels: the dispatcher also sends a call
+        here when one argument is on meta and the others are not, so devices are checked too."""
+        torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {input.dim()}-D")
+        torch._check(w_ih.dim() == 2 and w_ih.shape[0] % 4 == 0,
+                     lambda: f"w_ih must be 2-D [4*hidden_size, input_size], got {list(w_ih.shape)}")
+        T, B, I = input.shape
+        H = w_ih.shape[0] // 4
+        P = w_hr.shape[0] if w_hr is not None else H
+        torch._check(input.is_floating_point(),
+                     lambda: f"input must be a floating point tensor, got {input.dtype}")
+        expected = {"w_ih": (w_ih, (4 * H, I)), "w_hh": (w_hh, (4 * H, P)), "h0": (h0, (B, P)),
+                    "c0": (c0, (B, H))}
+        if w_hr is not None:
+            expected["w_hr"] = (w_hr, (P, H))
+        for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+            if b is not None:
+                expected[name] = (b, (4 * H,))
+        for name, (t, shape) in expected.items():
+            torch._check(t.shape == shape,
+                         lambda: f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+            torch._check(t.dtype == input.dtype,
+                         lambda: f"{name} must have the input's dtype {input.dtype}, got {t.dtype}")
+            _check_device(name, t, input)
+        if lengths is not None:
+            torch._check(lengths.dtype == torch.int64,
+                         lambda: f"lengths must be int64, got {lengths.dtype}")
+            torch._check(lengths.shape == (B,),
+                         lambda: f"lengths must have shape [{B}], got {list(lengths.shape)}")
+            _check_device("lengths", lengths, input)
+        return T, B, H, P
+
+    def _check_device(name, t, input):
+        torch._check(t.device == input.device,
+                     lambda: f"{name} must be on the input's device {input.device}, got {t.device}")
+
     @torch.library.register_fake(_FORWARD)
     def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                       training=True):
-        T, B, _ = input.shape
-        H = w_ih.shape[0] // 4
-        P = w_hr.shape[0] if w_hr is not None else H
-        torch._check(w_hh.shape == (4 * H, P), lambda: f"w_hh must have shape {(4 * H, P)}")
-        torch._check(h0.shape == (B, P), lambda: f"h0 must have shape {(B, P)}, got {h0.shape}")
-        torch._check(c0.shape == (B, H), lambda: f"c0 must have shape {(B, H)}, got {c0.shape}")
+        T, B, H, P = _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
         saved = training
         return (
             input.new_empty(T, B, P),
@@ -107,6 +138,20 @@ if LOADED:
         grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, output, gates,
         cells, hidden, reverse,
     ):
+        T, B, H, P = _check_fake_args(input, h0, c0, w_ih, w_hh, None, None, w_hr, lengths)
+        # check_backward_args: the gradients and saved tensors against the forward's sizes.
+        expected = {"grad_output": (grad_output, (T, B, P)), "grad_h_n": (grad_h_n, (B, P)),
+                    "grad_c_n": (grad_c_n, (B, H)), "output": (output, (T, B, P)),
+                    "gates": (gates, (T, B, 4 * H)), "cells": (cells, (T, B, H))}
+        if w_hr is not None:
+            expected["hidden"] = (hidden, (T, B, H))
+        for name, (t, shape) in expected.items():
+            torch._check(t.shape == shape,
+                         lambda: f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+            _check_device(name, t, input)
+        torch._check(cells.dtype == _cell_dtype(input.dtype),
+                     lambda: f"cells must have dtype {_cell_dtype(input.dtype)}, got {cells.dtype}")
+
         # The real op returns contiguous tensors whatever the inputs' strides.
         def like(t, shape=None):
             return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
@@ -179,7 +224,9 @@ if LOADED:
         op = torch.ops.fastlstm.lstm_layer_forward.default
 
         def cast(x, dtype):
-            return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+            # Autocast's eligibility rule: floating point and not float64.
+            eligible = isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64
+            return x.to(dtype) if eligible else x
 
         @op.py_impl(getattr(torch._C.DispatchKey, key))
         def _autocast_py_impl(*args):

@@ -130,3 +130,73 @@ def test_forward_op_checks(bad, match):
     bad(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastlstm.lstm_layer_forward(*args)
+
+
+FORWARD_NAMES = ["input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths"]
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_forward_op_rejects_one_argument_on_another_device(name):
+    # One argument on meta sends the call to the fake kernel, which must check devices as the real
+    # kernel does rather than return uninitialised tensors.
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in layer_args(True, True, False, True)]
+    i = FORWARD_NAMES.index(name)
+    args[i] = args[i].to("meta")
+    with pytest.raises(RuntimeError, match="must be on the input's device|is on meta"):
+        torch.ops.fastlstm.lstm_layer_forward(*args)
+
+
+BACKWARD_NAMES = ["grad_output", "grad_h_n", "grad_c_n", "input", "h0", "c0", "w_ih", "w_hh",
+                  "w_hr", "lengths", "output", "gates", "cells", "hidden"]
+
+
+@pytest.mark.parametrize("name", BACKWARD_NAMES)
+def test_backward_op_rejects_one_argument_on_another_device(name):
+    fwd = [a.detach() if isinstance(a, torch.Tensor) else a
+           for a in layer_args(True, True, False, True)]
+    out, h_n, c_n, gates, cells, hidden = torch.ops.fastlstm.lstm_layer_forward(*fwd)
+    x, h0, c0, w_ih, w_hh, _, _, w_hr, lengths, reverse = fwd
+    args = [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n), x, h0, c0, w_ih, w_hh,
+            w_hr, lengths, out, gates, cells, hidden]
+    i = BACKWARD_NAMES.index(name)
+    args[i] = args[i].to("meta")
+    with pytest.raises(RuntimeError, match="must be on the input's device|is on meta"):
+        torch.ops.fastlstm.lstm_layer_backward(*args, reverse)
+
+
+# Sizes torch.nn.LSTM cannot be built with but the op accepts: hidden size 0 (with and without a
+# projection), projection size 0, input size 0 (with enough rows for the blocked input projection).
+DEGENERATE = {"H=0": dict(T=3, B=2, I=4, H=0, P=None), "H=0,P=3": dict(T=3, B=2, I=4, H=0, P=3),
+              "P=0,B=3": dict(T=3, B=3, I=4, H=5, P=0), "P=0,B=1": dict(T=3, B=1, I=4, H=5, P=0),
+              "I=0": dict(T=2, B=1100, I=0, H=3, P=None)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_degenerate_sizes_match_the_reference(case, lengths, dtype):
+    T, B, I, H, P = DEGENERATE[case].values()
+    g = torch.Generator().manual_seed(0)
+    Hp = H if P is None else P
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    tensors = [r(T, B, I), r(B, Hp), r(B, H), r(4 * H, I), r(4 * H, Hp), r(4 * H), r(4 * H),
+               None if P is None else r(P, H)]
+    lens = torch.randint(0, T + 1, (B,), generator=g) if lengths else None
+    leaves = [None if t is None else t.to(dtype).requires_grad_() for t in tensors]
+    got = fastlstm.ops.lstm_layer(*leaves, lengths=lens)
+    ref_leaves = [None if t is None else t.to(dtype).double().requires_grad_() for t in tensors]
+    ref = fastlstm.reference.lstm_layer(*ref_leaves, lengths=lens)
+    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5),
+           torch.bfloat16: dict(rtol=4e-2, atol=4e-2)}[dtype]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, **tol)
+    weights = [r(*t.shape) for t in ref]
+    sum(((a.double() * w).sum() for a, w in zip(got, weights))).backward()
+    sum(((a * w).sum() for a, w in zip(ref, weights))).backward()
+    for a, b in zip(leaves, ref_leaves):
+        if a is not None:
+            torch.testing.assert_close(a.grad.double(), b.grad, **tol)

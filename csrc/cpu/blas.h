@@ -31,6 +31,12 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
           int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum; BLAS would reject the zero leading dimensions that come with it
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == T(0) ? T(0) : beta * C[m * ldc + n];
+    }
+    return;
+  }
   if (have_direct_blas() && M < INT32_MAX && N < INT32_MAX && K < INT32_MAX) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
@@ -118,6 +124,10 @@ template <typename T>
 void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                  T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum (the micro-kernel cannot take K = 0)
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
+    return;
+  }
   if (M == 1) {
     gemv_row<T>(N, K, A, B, ldb, C);
     return;

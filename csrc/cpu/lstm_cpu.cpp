@@ -37,11 +37,14 @@ using at::vec::Vectorized;
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    // The polynomial is only valid on finite arguments and turns NaN into a number: clamp (exp(80)
-    // is already beyond what a sigmoid or tanh resolves in float32) and put NaN back.
+    // The polynomial is only valid on finite arguments and turns NaN into a number: clamp, put NaN
+    // back, and overflow to +inf where float32's exp does (above log(FLT_MAX)), so that a saturated
+    // sigmoid is exactly 0 and its gradient factor s * (1 - s) exactly 0, as in torch.
     const Vectorized<float> e =
         at::vec::clamp(x, Vectorized<float>(-80.f), Vectorized<float>(80.f)).exp_u20();
-    return Vectorized<float>::blendv(e, x, x.isnan());
+    const Vectorized<float> inf(std::numeric_limits<float>::infinity());
+    const Vectorized<float> big = x > Vectorized<float>(88.7228391f);
+    return Vectorized<float>::blendv(Vectorized<float>::blendv(e, inf, big), x, x.isnan());
   } else {
     return x.exp();
   }
@@ -241,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // matmul reads w_hh's rows directly; above it, brgemm reads per-block panels packed once per call.
   const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
   const int64_t threads = at::get_num_threads();
-  const int64_t nb = one_block ? (H + 15) / 16 * 16
+  const int64_t nb = one_block ? std::max<int64_t>(16, (H + 15) / 16 * 16)
                                : std::clamp<int64_t>((H / threads + 15) / 16 * 16, 16, 64);
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
