@@ -8,9 +8,13 @@ that class). Only ``forward`` differs: layers and directions are composed from t
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops
@@ -35,13 +39,20 @@ class LSTM(nn.RNNBase):
 
     def forward(self, input, hx=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
         self._update_flat_weights()
+        weights = _check_weights(self._flat_weights, self._flat_weights_names)
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if hx is not None:
+            _check_hx_pair(hx)
         batch_sizes = None
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_batch_sizes(batch_sizes)
+            # torch checks a packed input's dtype in its kernel (a RuntimeError, where check_input
+            # would raise a ValueError).
+            _check_dtypes(data, (), weights)
             max_batch_size = int(batch_sizes[0])
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
@@ -82,14 +93,27 @@ class LSTM(nn.RNNBase):
             )
         if batch_sizes is None:
             self.check_forward_args(input, hx, None)
-        _check_dtypes(x, hx, self._flat_weights)
+        # torch.nn.LSTM's autocast: the padded-input op (aten::lstm.input) runs in the autocast dtype,
+        # casting every float32/float16/bfloat16 tensor (never float64); the packed-input op
+        # (aten::lstm.data) is not on autocast's list and runs in the input's dtype.
+        autocast_dtype = _autocast_dtype(x.device.type)
+        if autocast_dtype is not None and batch_sizes is None:
+            x = _autocast_cast(x, autocast_dtype)
+            hx = tuple(_autocast_cast(t, autocast_dtype) for t in hx)
+            weights = [_autocast_cast(w, autocast_dtype) for w in weights]
+        _check_dtypes(x, hx, weights)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        output, h_n, c_n = _lstm(
-            x, hx, self._flat_weights, self.num_layers, num_directions, self.bias,
-            self.proj_size > 0, self.dropout, self.training, lengths,
-        )
+        with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else (
+                contextlib.nullcontext()):
+            output, h_n, c_n = _lstm(
+                x, hx, weights, self.num_layers, num_directions, self.bias,
+                self.proj_size > 0, self.dropout, self.training, lengths,
+            )
+        if autocast_dtype is not None and batch_sizes is None and self.proj_size > 0:
+            # What torch.nn.LSTM returns: with a projection its cell state comes back in float32.
+            c_n = c_n.float()
 
         if batch_sizes is not None:
             output = PackedSequence(
@@ -102,6 +126,46 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
+
+
+def _check_hx_pair(hx) -> None:
+    # torch.nn.LSTM takes (h_0, c_0) as a tuple or list of two tensors; anything else fails in its
+    # kernel with these exception types.
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(
+            f"lstm(): hx must be a tuple of two tensors (h_0, c_0), got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError(f"lstm expects two hidden states, got {len(hx)}")
+    for i, t in enumerate(hx):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"lstm(): expected Tensor as element {i} of hx (h_0, c_0), got {type(t).__name__}")
+
+
+def _check_batch_sizes(batch_sizes: Tensor) -> None:
+    if batch_sizes.dtype != torch.int64:
+        kind = TypeError if batch_sizes.is_floating_point() else RuntimeError
+        raise kind(f"PackedSequence batch_sizes must be an int64 tensor (expected scalar type Long), "
+                   f"got {batch_sizes.dtype}")
+
+
+def _check_weights(weights: list, names: list[str]) -> list[Tensor]:
+    for i, (w, name) in enumerate(zip(weights, names)):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"expected Tensor as element {i} in argument 2 (the LSTM weights: "
+                            f"{name}), but got {type(w).__name__}")
+    return weights
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Autocast's eligibility rule: floating point and not float64.
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def _check_dtypes(x: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
@@ -149,7 +213,7 @@ def _lstm(
         for direction in range(num_directions):
             k = layer * num_directions + direction
             w = weights[k * per_direction:(k + 1) * per_direction]
-            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            b_ih, b_hh = (_as_bias(w[2]), _as_bias(w[3])) if has_bias else (None, None)
             w_hr = w[-1] if has_proj else None
             out, h, c = ops.lstm_layer(
                 layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
@@ -161,7 +225,19 @@ def _lstm(
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
+    if num_directions == 1 and (layer_input.requires_grad or torch.jit.is_tracing()):
+        # The op saves its output for backward; the caller gets a copy it may edit in place (as
+        # torch.nn.LSTM's float64 path allows), at the cost of one copy of the output. (A trace
+        # records it whatever the grad mode, so that the graph does not depend on it.)
+        layer_input = layer_input.clone()
     return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+def _as_bias(b: Tensor) -> Tensor:
+    # torch.nn.LSTM broadcasts a bias of shape [1, 4H] (or [1, ..., 1, 4H]) against its gates.
+    if b.dim() > 1 and b.numel() == b.shape[-1]:
+        return b.reshape(b.shape[-1])
+    return b
 
 
 def _packed_index(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -186,29 +262,53 @@ def _pack_padded(x: Tensor, index: Tensor) -> Tensor:
 
 
 def replace_lstm(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.LSTM`` inside ``module`` (and ``module`` itself's children,
-    recursively) by a ``fastlstm.LSTM`` with the same configuration, weights, device, dtype and
-    train/eval mode. Modifies ``module`` in place and returns it; a bare ``torch.nn.LSTM`` passed in
-    is returned converted."""
-    if isinstance(module, nn.LSTM):
-        return _convert(module)
+    """Replace every ``torch.nn.LSTM`` inside ``module`` (recursively) by a ``fastlstm.LSTM`` with the
+    same configuration, the very same Parameter objects (so an optimizer that holds them still
+    works), device, dtype, train/eval mode, hooks and parametrizations (``weight_norm``,
+    ``spectral_norm``, ``torch.nn.utils.parametrize``, pruning). Modifies ``module`` in place and
+    returns it; a bare ``torch.nn.LSTM`` passed in is returned converted (the original is left as it
+    was, sharing its parameters with the copy).
+
+    A subclass of ``torch.nn.LSTM`` is left unchanged, with a warning: its own code (a ``forward``
+    of its own, say) would be lost in the conversion."""
+    converted = _convert(module)
+    if converted is not None:
+        return converted
     for name, child in module.named_children():
-        if isinstance(child, nn.LSTM):
-            setattr(module, name, _convert(child))
-        else:
+        new = _convert(child)
+        if new is not None:
+            setattr(module, name, new)
+        elif not isinstance(child, nn.LSTM):
             replace_lstm(child)
     return module
 
 
-def _convert(lstm: nn.LSTM) -> LSTM:
-    new = LSTM(
-        lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias,
-        batch_first=lstm.batch_first, dropout=lstm.dropout, bidirectional=lstm.bidirectional,
-        proj_size=lstm.proj_size, device="meta",
-    )
-    # The very same Parameter objects: device, dtype, requires_grad and any optimizer that already
-    # holds them carry over.
-    for name in lstm._flat_weights_names:
-        setattr(new, name, getattr(lstm, name))
-    new.train(lstm.training)
+def _convert(lstm: nn.Module) -> LSTM | None:
+    """A fastlstm.LSTM that shares everything of ``lstm`` but its class, or None if ``lstm`` is not
+    a torch.nn.LSTM that can be converted."""
+    if not isinstance(lstm, nn.LSTM):
+        return None
+    cls = type(lstm)
+    if parametrize.is_parametrized(lstm) and cls.__bases__ == (nn.LSTM,):
+        # torch.nn.utils.parametrize swapped the class for a generated subclass holding one property
+        # per parametrized tensor: generate the same on top of fastlstm.LSTM.
+        new_cls = type(cls.__name__.replace("LSTM", "FastLSTM"), (LSTM,), dict(vars(cls)))
+    elif cls is nn.LSTM:
+        new_cls = LSTM
+    else:
+        warnings.warn(
+            f"fastlstm.replace_lstm: left {cls.__qualname__} (a subclass of torch.nn.LSTM) "
+            "unchanged; converting it would drop its own code",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    new = new_cls.__new__(new_cls)
+    # The module's state is its __dict__: parameters, buffers, submodules (parametrizations), hooks
+    # (weight_norm, spectral_norm and pruning are forward pre-hooks), flags. Each dict is copied, so
+    # the two modules share tensors and hook functions but can be changed apart.
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in vars(lstm).items()})
+    new._flat_weights_names = list(lstm._flat_weights_names)
+    new._all_weights = [list(w) for w in lstm._all_weights]
+    new._update_flat_weights()
     return new

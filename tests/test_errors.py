@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 
@@ -41,10 +41,37 @@ OWN_MESSAGE = {
                  "Input and hidden tensors are not the same dtype"),
     "c0 dtype": (lambda m: m(torch.randn(3, 2, 4), (torch.randn(1, 2, 6), torch.randn(1, 2, 6).double())),
                  "Input and hidden tensors are not the same dtype"),
+    "hx with three tensors": (lambda m: m(torch.randn(3, 2, 4), (torch.zeros(1, 2, 6),) * 3),
+                              "lstm expects two hidden states"),
+    "packed hx with one tensor": (
+        lambda m: m(pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2])),
+                    (torch.zeros(1, 2, 6),)),
+        "lstm expects two hidden states"),
+    "hx as one stacked tensor": (lambda m: m(torch.randn(3, 2, 4), torch.zeros(2, 1, 2, 6)),
+                                 "hx must be a tuple of two tensors"),
+    "packed data of another dtype": (
+        lambda m: m(_packed(torch.randn(3, 2, 4), data=lambda d: d.double())),
+        "Input and parameter tensors are not the same dtype"),
+    "int32 batch_sizes": (lambda m: m(_packed(torch.randn(3, 2, 4), sizes=torch.int32)),
+                          "batch_sizes must be an int64 tensor"),
+    "float batch_sizes": (lambda m: m(_packed(torch.randn(3, 2, 4), sizes=torch.float32)),
+                          "batch_sizes must be an int64 tensor"),
+    "a weight set to None": (lambda m: m(torch.randn(3, 2, 4)) if _set_none(m) else None,
+                             "expected Tensor as element 1 in argument 2 .*weight_hh_l0"),
     "packed wrong h0 batch": (lambda m: m(pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2])),
                                           (torch.randn(1, 3, 6), torch.randn(1, 3, 6))),
                               r"Expected hidden\[0\] size \(1, 2, 6\), got \[1, 3, 6\]"),
 }
+
+
+def _packed(x, data=lambda d: d, sizes=torch.int64):
+    p = pack_padded_sequence(x, torch.tensor([3, 2]))
+    return PackedSequence(data(p.data), p.batch_sizes.to(sizes), p.sorted_indices, p.unsorted_indices)
+
+
+def _set_none(m):
+    m.weight_hh_l0 = None
+    return True
 
 
 @pytest.mark.parametrize("case", list(FORWARD_CASES))
