@@ -5,8 +5,9 @@
 #   - plan_init STAGE: the log folder, the header (GPU, driver, versions, date, commit, command);
 #   - step NAME LOG SECONDS CMD...: runs CMD under `timeout`, its output tee'd as it goes to the
 #     log folder and to $OUT (so a call killed at the device tool's limit still returns the logs);
-#   - a deadline: the whole stage ends by PLAN_BUDGET_S seconds after it started (default 540, well
-#     inside the device tool's 600-second limit per call), each step's timeout cut to what is left;
+#   - a deadline: the whole stage ends by PLAN_BUDGET_S seconds after it started (each run script
+#     sets its default, inside the device tool's 600-second limit per call), each step's timeout cut
+#     to what is left;
 #   - build_cuda: builds the CUDA ops in place (or reuses a build of the same sources, see there).
 #
 # Logs: benchmarks/results/gpu-<GPU name>-<UTC stamp>-<stage>/ and, when $OUT is set,
@@ -56,9 +57,16 @@ plan_header() {
   echo "command: ${PLAN_COMMAND:-$0}"
   echo "date: $(date -u --iso-8601=seconds)"
   echo "host: $(hostname 2>/dev/null) $(uname -srm) nproc=$(nproc)"
-  # The tree's changes, leaving out the logs this plan writes.
-  echo "git: $(git rev-parse HEAD 2>/dev/null || echo '?') ($(git status --porcelain -- . ':!benchmarks/results' 2>/dev/null | wc -l) changed files)"
-  git status --short -- . ':!benchmarks/results' 2>/dev/null | head -n 20 | sed 's/^/  /'
+  # The tree's commit and changes (leaving out the logs this plan writes). The device tool's copy of
+  # the tree may come without .git: then PLAN_GIT (set by the caller) names the commit, and the
+  # sources hash (as in build/gpu/stamp.txt) ties the logs to the sources either way.
+  if git rev-parse HEAD >/dev/null 2>&1; then
+    echo "git: $(git rev-parse HEAD) ($(git status --porcelain -- . ':!benchmarks/results' | wc -l) changed files)"
+    git status --short -- . ':!benchmarks/results' | head -n 20 | sed 's/^/  /'
+  else
+    echo "git: no .git in this copy of the tree; commit given by the caller: ${PLAN_GIT:-not given}"
+  fi
+  echo "sources hash (setup.py, csrc/, torch version, arch list): $(plan_source_hash)"
   if command -v nvidia-smi >/dev/null 2>&1; then
     echo "gpu: $(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -n 4)"
   else
@@ -152,31 +160,42 @@ plan_source_hash() {
 }
 
 # build_cuda LOG SECONDS: FASTLSTM_CUDA=1 setup.py build_ext --inplace, unless build/gpu/ holds a
-# _C.so built from the same sources (build/gpu/stamp.txt): either left by run1 on this machine (a
-# warm machine keeps ignored build outputs) or carried back by the caller from run1's $OUT files.
-# After a build, copies the .so and the stamp to build/gpu/ and (if space allows) to $OUT.
+# _C.so (or _C.so.gz) built from the same sources (build/gpu/stamp.txt): either left there by run1
+# on this machine (a warm machine keeps ignored build outputs) or carried back by the caller from
+# run1's $OUT files (benchmarks/gpu/README.md). After a build, keeps the .so and the stamp in
+# build/gpu/ and returns a gzipped copy and the stamp with the logs.
 build_cuda() {
   local log=$1 cap=$2 hash so
   hash=$(plan_source_hash)
-  so=$(find build/gpu -maxdepth 1 -name '_C*.so' 2>/dev/null | head -n 1)
+  so=$(find build/gpu -maxdepth 1 -name '_C*.so*' 2>/dev/null | head -n 1)
   if [ -n "$so" ] && [ "$(cat build/gpu/stamp.txt 2>/dev/null)" = "$hash" ]; then
-    cp "$so" fastlstm/
+    case $so in
+      *.gz) gzip -dc "$so" > "fastlstm/$(basename "$so" .gz)" ;;
+      *) cp "$so" fastlstm/ ;;
+    esac
     plan_note "build: reused $so (sources hash $hash); no rebuild"
     echo "reused $so (sources hash $hash)" | plan_tee_append "$log"
     return 0
   fi
+  [ -z "$so" ] || echo "build/gpu/ holds a build of other sources (stamp $(cat build/gpu/stamp.txt 2>/dev/null), now $hash): rebuilding" | plan_tee_append "$log"
   # pip's editable install would do the same build; build_ext --inplace needs no network and leaves
   # nothing installed, and the tests then import fastlstm from the checkout (PYTHONPATH).
   if step build "$log" "$cap" env FASTLSTM_CUDA=1 "$PY" setup.py build_ext --inplace; then
     mkdir -p build/gpu
-    rm -f build/gpu/_C*.so
+    rm -f build/gpu/_C*.so*
     cp fastlstm/_C*.so build/gpu/
     echo "$hash" > build/gpu/stamp.txt
     so=$(find build/gpu -maxdepth 1 -name '_C*.so' | head -n 1)
     plan_note "build: $(basename "$so") $(du -h "$so" | cut -f1), sources hash $hash"
-    # Returned with the logs so that a later call on a fresh machine can skip the build (README).
-    if [ -n "$PLAN_OUT" ] && [ "$(stat -c %s "$so")" -lt $((15 * 1024 * 1024)) ]; then
-      cp "$so" build/gpu/stamp.txt "$PLAN_OUT/"
+    if [ -n "$PLAN_OUT" ]; then
+      # Returned (the device tool returns files up to 16 MiB) so that a later call on a fresh
+      # machine can skip the build.
+      gzip -1 -c "$so" > "$PLAN_OUT/$(basename "$so").gz"
+      if [ "$(stat -c %s "$PLAN_OUT/$(basename "$so").gz")" -lt $((15 * 1024 * 1024)) ]; then
+        cp build/gpu/stamp.txt "$PLAN_OUT/"
+      else
+        rm -f "$PLAN_OUT/$(basename "$so").gz"
+      fi
     fi
     return 0
   fi

@@ -6,7 +6,7 @@
 # Why a separate venv: the CPU torch wheel has no CUDA headers (c10/cuda/impl/cuda_cmake_macros.h
 # is generated only in CUDA builds), so the binding cannot be compiled against it. This script makes
 # a throwaway venv (default /work/cuda-venv, outside any git tree) with the CUDA torch wheel and the
-# NVIDIA runtime wheels that `import torch` loads (about 3-4 GB downloaded; not part of CI). The
+# NVIDIA runtime wheels that `import torch` loads (4.0 GB installed; not part of CI). The
 # shared environment's torch is never touched. The CUDA toolkit (nvcc) comes from CUDA_HOME
 # (default /usr/local/cuda); no driver or GPU is needed.
 #

@@ -7,7 +7,7 @@
 #   - the CUDA autocast test in tests/test_autocast.py;
 #   - benchmarks/sanitize_small.py without a sanitizer (the workload call 2 runs under it: every
 #     batch tile and dtype against a float64 reference), so call 2 does not find a broken workload.
-# Every step runs under `timeout`, inside a deadline of PLAN_BUDGET_S (540) seconds for the whole
+# Every step runs under `timeout`, inside a deadline of PLAN_BUDGET_S (480) seconds for the whole
 # call; logs are tee'd as they come to benchmarks/results/gpu-<GPU>-<stamp>-build-test/ and $OUT.
 # Exit status: 0 all passed; 1 a step failed or timed out; 2 no GPU here (nothing was run).
 #
@@ -22,6 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
 export TORCHINDUCTOR_CACHE_DIR
 PLAN_COMMAND="bash benchmarks/gpu/run1_build_and_test.sh $*"
+PLAN_BUDGET_S=${PLAN_BUDGET_S:-480}
 # shellcheck source=benchmarks/gpu/common.sh
 source benchmarks/gpu/common.sh
 
@@ -41,7 +42,7 @@ fi
 if [ "${PLAN_SKIP_BUILD:-0}" = 1 ]; then
   plan_note "build: SKIPPED (PLAN_SKIP_BUILD=1): testing whatever fastlstm/_C*.so is there"
 fi
-if [ "${PLAN_SKIP_BUILD:-0}" = 1 ] || build_cuda build.log 330; then
+if [ "${PLAN_SKIP_BUILD:-0}" = 1 ] || build_cuda build.log 300; then
   # pytest-timeout (there on the GPU machine) turns a hung test into a stack dump of that test.
   timeout_args=()
   if timeout 30 "$PY" -c 'import pytest_timeout' 2>/dev/null; then

@@ -11,7 +11,7 @@
 # running the tools; the planted error must be reported through the kernel filter, or the filter is
 # dropped. Then reuses call 1's build (build/gpu/, kept on a warm machine or carried back) or
 # rebuilds. The four tools run at once by default (SANITIZE_PARALLEL=0: one after
-# another), each under its own timeout inside the call's deadline (PLAN_BUDGET_S, 540 s).
+# another), each under its own timeout inside the call's deadline (PLAN_BUDGET_S, 360 s).
 # Exit status: 0 every tool ran clean; 1 a tool reported errors, timed out or a step failed;
 # 2 no GPU here; 3 compute-sanitizer missing or refused by the device.
 #
@@ -24,6 +24,7 @@ cd "$(dirname "$0")/../.." || exit 2
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PLAN_COMMAND="bash benchmarks/gpu/run2_sanitize.sh $*"
+PLAN_BUDGET_S=${PLAN_BUDGET_S:-360}
 # shellcheck source=benchmarks/gpu/common.sh
 source benchmarks/gpu/common.sh
 
@@ -70,12 +71,25 @@ fi
   echo "kernel filter: ${filter[*]:-(none: no filter option in --help)}"
 } | plan_tee_append probe.log
 
+# Per-tool options (only those this version knows).
+tool_args() {
+  case $1 in
+    memcheck) echo "--leak-check no" ; has_opt '--padding' && echo "--padding 64" ;;
+    racecheck) has_opt '--racecheck-report' && echo "--racecheck-report all" ;;
+    *) ;;
+  esac
+}
+
 # The probe plants an out-of-bounds write in a kernel named lstm_probe_oob: memcheck must report
 # it, through the filter. Outcomes: refused by the device; found (the filter works); not found.
 probe() {  # probe NAME FILTER...: sets verdict
   local name=$1 section
   shift
-  step "$name" probe.log 120 "$CS" --tool memcheck "${common[@]}" "$@" "$PY" benchmarks/gpu/sanitizer_probe.py
+  # --padding puts an invalid gap after each allocation, so the stray write cannot land in a
+  # neighbouring allocation unseen.
+  # shellcheck disable=SC2046
+  step "$name" probe.log 120 "$CS" --tool memcheck "${common[@]}" $(tool_args memcheck) "$@" \
+    "$PY" benchmarks/gpu/sanitizer_probe.py
   section=$(sed -n "/^== $name (/,\$p" "$PLAN_DIR/probe.log")
   if grep -qiE 'device not supported|error 999' <<<"$section"; then verdict=refused
   elif grep -q 'Invalid __global__ write' <<<"$section"; then verdict=found
@@ -112,20 +126,13 @@ PLAN_STATUS=$status_before_probe
 if [ "${PLAN_SKIP_BUILD:-0}" = 1 ]; then
   plan_note "build: SKIPPED (PLAN_SKIP_BUILD=1): using whatever fastlstm/_C*.so is there"
 else
-  build_cuda build.log 330 || plan_finish
+  build_cuda build.log 300 || plan_finish
 fi
 
 # --- the tools --------------------------------------------------------------------------------------
 # Without the caching allocator each tensor is its own allocation: memcheck sees an access past the
 # end of one, and initcheck sees reads of memory nothing wrote (not recycled, already written memory).
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-tool_args() {
-  case $1 in
-    memcheck) echo "--leak-check no" ; has_opt '--padding' && echo "--padding 64" ;;
-    racecheck) has_opt '--racecheck-report' && echo "--racecheck-report all" ;;
-    *) ;;
-  esac
-}
 # A finished tool's exit, its summary line(s), where its errors were (the kernel of each reported
 # error: ours have "lstm_" in the name), and whether the workload finished ok.
 tool_result() {
