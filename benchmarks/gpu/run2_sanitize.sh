@@ -122,7 +122,7 @@ case $verdict in
 esac
 PLAN_STATUS=$status_before_probe
 
-# Our ops: reuse call 1's build when the sources are the same, else build (2-4 min).
+# Our ops: reuse call 1's build when the sources are the same, else build (about a minute).
 if [ "${PLAN_SKIP_BUILD:-0}" = 1 ]; then
   plan_note "build: SKIPPED (PLAN_SKIP_BUILD=1): using whatever fastlstm/_C*.so is there"
 else
