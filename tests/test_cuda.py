@@ -1,8 +1,12 @@
 """The CUDA ops: parity with cuDNN's torch.nn.LSTM and with float64 on the CPU, gradcheck, opcheck,
 torch.compile, CUDA-graph capture, fp16/bf16 accuracy against cuDNN's own, and bitwise determinism.
-Every test needs a GPU (benchmarks/gpu_verify.sh runs them on one)."""
+Every test needs a GPU (benchmarks/gpu/run1_build_and_test.sh runs them on one)."""
 import copy
+import gc
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -374,3 +378,80 @@ def test_backward_is_bitwise_deterministic(dtype):
         again = case.run(fastlstm.LSTM, CUDA, dtype)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+# Bitwise identical gradients from two fresh processes: no atomics, no dependence on allocation
+# addresses or on what ran before. Every dtype, and shapes that reach all three batch tiles
+# (B=260, H=240 gives 9 x 15 = 135 blocks of 32 rows, csrc/kernels/lstm_launch.cuh).
+_DIGEST_SCRIPT = r"""
+import hashlib, torch, fastlstm
+from torch.nn.utils.rnn import pack_padded_sequence
+h = hashlib.sha256()
+for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for T, B, H in ((5, 6, 20), (5, 13, 24), (4, 260, 240)):
+        torch.manual_seed(0)
+        m = fastlstm.LSTM(16, H, num_layers=2, bidirectional=True, proj_size=8).to("cuda", dtype)
+        x = torch.randn(T, B, 16, device="cuda", dtype=dtype, requires_grad=True)
+        lengths = torch.randint(1, T + 1, (B,))
+        out, (hn, cn) = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        (out.data.float().square().sum() + hn.float().sum() + cn.float().sum()).backward()
+        for t in [out.data, x.grad] + [p.grad for p in m.parameters()]:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_gradients_bitwise_identical_across_processes():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastlstm.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    digests = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        digests.append(run.stdout.split()[-1])
+    assert len(digests[0]) == 64 and digests[0] == digests[1], digests
+
+
+def _allocated():
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
+
+
+def test_training_memory_is_flat_over_1000_steps():
+    # A leak of one saved tensor per step (an autograd cycle through the op's ctx, a workspace kept
+    # alive by the binding) grows memory_allocated by at least that tensor each step.
+    gc.collect()
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(16, 64, num_layers=2, bidirectional=True, proj_size=24).to(CUDA)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    T, B = 20, 24
+    x = torch.randn(T, B, 16, device=CUDA)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out, (h, c) = model(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        loss = out.data.square().mean() + h.square().mean() + c.square().mean()
+        loss.backward()
+        opt.step()
+        # Inference too: no_grad forward saves nothing and must free everything it made.
+        with torch.no_grad():
+            model(x)
+
+    for _ in range(10):  # Adam's state exists from the first step on
+        step()
+    after, peaks = [], []
+    for i in range(1000):
+        if i in (0, 990):
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        after.append(_allocated())
+        if i in (9, 999):
+            peaks.append(torch.cuda.max_memory_allocated())
+    assert max(after) == min(after), (
+        f"memory_allocated after each step ranged {min(after)}..{max(after)} bytes "
+        f"(first {after[0]}, last {after[-1]})")
+    assert peaks[0] == peaks[1], f"peak per 10 steps grew from {peaks[0]} to {peaks[1]} bytes"
