@@ -1,5 +1,6 @@
-"""Python side of the ops: the differentiable one-layer wrapper, fake (meta) implementations for
-torch.compile, autograd through the backward op, and autocast."""
+"""Python side of the ops: the one-layer wrapper, fake (meta) implementations for torch.compile,
+autocast, and a vmap batching rule. Autograd is registered in C++ (csrc/autograd/lstm_autograd.cpp),
+so that it also exists in a C++ program without Python."""
 from __future__ import annotations
 
 import warnings
@@ -67,12 +68,10 @@ def lstm_layer(
     input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None,
     w_hr [P, H] or None, lengths [B] int64 on the input's device or None; see csrc/fastlstm.cpp."""
     if _compiled_for(input.device):
-        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        # Whether backward can run. A jit.trace bakes this in as a constant, so a trace keeps what
-        # backward needs whatever the grad mode it was traced under.
-        training = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors))
-        out = torch.ops.fastlstm.lstm_layer_forward(*tensors, lengths, reverse, training)
+        # training is left to the op's Autograd kernel (None): it saves activations only when a
+        # gradient is needed, also when the call is replayed from a trace or an exported program.
+        out = torch.ops.fastlstm.lstm_layer_forward(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
         return out[0], out[1], out[2]
     return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
@@ -85,14 +84,14 @@ if LOADED:
 
     @torch.library.register_fake(_FORWARD)
     def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                      training=True):
+                      training=None):
         T, B, _ = input.shape
         H = w_ih.shape[0] // 4
         P = w_hr.shape[0] if w_hr is not None else H
         torch._check(w_hh.shape == (4 * H, P), lambda: f"w_hh must have shape {(4 * H, P)}")
         torch._check(h0.shape == (B, P), lambda: f"h0 must have shape {(B, P)}, got {h0.shape}")
         torch._check(c0.shape == (B, H), lambda: f"c0 must have shape {(B, H)}, got {c0.shape}")
-        saved = training
+        saved = training is True  # None below autograd: nothing saved (csrc/fastlstm.cpp)
         return (
             input.new_empty(T, B, P),
             input.new_empty(B, P),
@@ -115,61 +114,6 @@ if LOADED:
             like(input), like(h0), like(c0), like(w_ih), like(w_hh), like(w_ih, w_ih.shape[:1]),
             like(w_hr) if w_hr is not None else like(input, (0,)),
         )
-
-    def _setup_context(ctx, inputs, output):
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *training = inputs
-        out, _, _, gates, cells, hidden = output
-        if training and not training[0]:
-            ctx.saved_nothing = True
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates,
-                              cells, hidden)
-        ctx.reverse = reverse
-        ctx.mark_non_differentiable(gates, cells, hidden)
-
-    def _backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells, _hidden):
-        if getattr(ctx, "saved_nothing", False):
-            raise RuntimeError(
-                "fastlstm: backward through lstm_layer_forward called with training=False, which "
-                "saves nothing for backward; call it with training=True")
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, hidden = (
-            ctx.saved_tensors
-        )
-        if grad_output is None:
-            grad_output = torch.zeros_like(out)
-        if grad_h_n is None:
-            grad_h_n = torch.zeros_like(h0)
-        if grad_c_n is None:
-            grad_c_n = torch.zeros_like(c0)
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward, e.g. a gradient penalty): recompute through the
-            # reference, whose graph autograd can differentiate again.
-            return _backward_differentiable(
-                ctx, (grad_output, grad_h_n, grad_c_n),
-                (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
-            )
-        grads = torch.ops.fastlstm.lstm_layer_backward(
-            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, out,
-            gates, cells, hidden, ctx.reverse,
-        )
-        g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr = grads
-        return (
-            g_input, g_h0, g_c0, g_w_ih, g_w_hh,
-            g_bias if b_ih is not None else None,
-            g_bias if b_hh is not None else None,
-            g_w_hr if w_hr is not None else None,
-            None, None, None,
-        )
-
-    def _backward_differentiable(ctx, grad_outputs, tensors, lengths):
-        wanted = [t for t in tensors if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            outputs = reference.lstm_layer(*tensors, lengths=lengths, reverse=ctx.reverse)
-            found = torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
-                                        allow_unused=True)
-        by_id = {id(t): g for t, g in zip(wanted, found)}
-        return (*(None if t is None else by_id.get(id(t)) for t in tensors), None, None, None)
-
-    torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
 
     def _register_autocast(device_type: str) -> None:
         # Like torch.library.register_autocast, but casting to the dtype of the current autocast
