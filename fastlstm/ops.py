@@ -115,6 +115,47 @@ if LOADED:
             like(w_hr) if w_hr is not None else like(input, (0,)),
         )
 
+    def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                      reverse, training=None):
+        # torch.vmap of the forward op. Shared weights (per-sample inputs, states or lengths): the
+        # vmapped dimension N is folded into the batch, one call on [T, N*B, ...]. Batched weights
+        # (an ensemble): one call per member, as vmap's own fallback would make.
+        op = torch.ops.fastlstm.lstm_layer_forward.default
+        n = info.batch_size
+        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        dims = in_dims[:9]
+        if any(d is not None for d in dims[3:8]):
+            outs = [op(*(t.select(d, k) if d is not None else t for t, d in zip(tensors, dims)),
+                        reverse, training) for k in range(n)]
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 6
+
+        def fold(t, d, batch_dim):
+            # [..., B, ...] per sample with the vmapped dim at d -> N folded into the batch dim.
+            if t is None:
+                return None
+            if d is None:
+                t = t.unsqueeze(batch_dim).expand(*t.shape[:batch_dim], n, *t.shape[batch_dim:])
+            else:
+                t = t.movedim(d, batch_dim)
+            return t.reshape(*t.shape[:batch_dim], -1, *t.shape[batch_dim + 2:])
+
+        T, B = (input.shape[0], input.shape[1]) if in_dims[0] is None else (
+            input.movedim(in_dims[0], 0).shape[1:3])
+        out = op(fold(input, dims[0], 1), fold(h0, dims[1], 0), fold(c0, dims[2], 0), w_ih, w_hh,
+                 b_ih, b_hh, w_hr, fold(lengths, dims[8], 0), reverse, training)
+        output, h_n, c_n, gates, cells, hidden = out
+
+        def unfold(t, batch_dim):
+            if t.numel() == 0 and t.dim() == 1:
+                return t, None  # nothing saved: the same [0] as every sample's
+            return t.unflatten(batch_dim, (n, B)), batch_dim
+
+        results = [unfold(output, 1), unfold(h_n, 0), unfold(c_n, 0), unfold(gates, 1),
+                   unfold(cells, 1), unfold(hidden, 1)]
+        return tuple(r for r, _ in results), tuple(d for _, d in results)
+
+    torch.library.register_vmap(_FORWARD, _forward_vmap)
+
     def _register_autocast(device_type: str) -> None:
         # Like torch.library.register_autocast, but casting to the dtype of the current autocast
         # region (torch.autocast(..., dtype=...)), as torch.nn.LSTM does, rather than a fixed one.

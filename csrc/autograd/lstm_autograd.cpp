@@ -10,14 +10,18 @@
 //   - a gradient needed: run the op with training = true inside a torch::autograd::Function whose
 //     backward is fastlstm::lstm_layer_backward. A graph captured below autograd (AOTAutograd, an
 //     inference export after decompositions) records the resolved flag.
-//   - forward-mode AD (a tangent on any input: torch.func.jvp, jacfwd, torch.autograd.forward_ad):
-//     run the composite below, made of ATen ops that have forward derivatives, instead of the fused
-//     op, which has no forward derivative.
+//   - forward-mode AD (a tangent on any input: torch.func.jvp, jacfwd, torch.autograd.forward_ad),
+//     or a gradient needed inside a torch.func transform (grad, vjp, jacrev, vmap, ...), which
+//     refuses C++ autograd Functions: run the composite below, made of ATen ops that have forward
+//     derivatives, batching rules and functorch support, instead of the fused op. Slower, but
+//     correct under every transform; plain vmap without a gradient uses the op's batching rule
+//     (fastlstm/ops.py).
 // Double backward (backward with create_graph = true, e.g. torch.func.grad, gradient penalties)
 // recomputes the layer with the composite and differentiates it, so the gradient is itself
 // differentiable.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -214,12 +218,16 @@ ForwardOut lstm_layer_forward_autograd(const Tensor& input, const Tensor& h0, co
   }
   needs_grad = needs_grad && torch::autograd::GradMode::is_enabled();
 
-  if (forward_ad) {
-    // The fused op has no forward derivative. The composite has, and reverse mode through it works
-    // too. Nothing is saved in the op's sense, so gates, cells and hidden come back empty.
+  // functorch refuses a C++ autograd Function whenever a transform is active (its stack of dynamic
+  // layers is not empty), which is exactly when it includes its back-mode key in the TLS.
+  // (ATen/functorch/DynamicLayer.h, which could ask directly, is not usable from the wheel.)
+  const bool in_transform =
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  if (forward_ad || (needs_grad && in_transform)) {
+    // Nothing is saved in the op's sense, so gates, cells and hidden come back empty.
     TORCH_CHECK(!training.value_or(false),
-                "fastlstm: lstm_layer_forward with training=True does not support forward-mode AD; "
-                "pass training=None (the default)");
+                "fastlstm: lstm_layer_forward with training=True does not support forward-mode AD "
+                "or torch.func transforms; pass training=None (the default)");
     auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, value_or_undefined(b_ih),
                                      value_or_undefined(b_hh), value_or_undefined(w_hr),
                                      value_or_undefined(lengths), reverse);
