@@ -193,3 +193,14 @@ def test_quantize_dynamic_leaves_fastlstm_in_float_as_documented():
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear})
     assert type(q[0]) is fastlstm.LSTM and q[0].weight_ih_l0.dtype == torch.float32
     assert type(q[1]) is not torch.nn.Linear  # what it can convert, it converts
+
+
+def test_replace_lstm_leaves_a_quantized_lstm_alone():
+    # README: for an int8 LSTM, quantize the torch.nn.LSTM model; replace_lstm then keeps it.
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(4, 8)),
+                                               {torch.nn.LSTM})
+    x = torch.randn(5, 2, 4)
+    before = q(x)[0]
+    fastlstm.replace_lstm(q)
+    assert type(q[0]) is torch.ao.nn.quantized.dynamic.LSTM
+    torch.testing.assert_close(q(x)[0], before, rtol=0, atol=0)

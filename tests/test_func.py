@@ -215,3 +215,15 @@ def test_vmap_with_lengths_states_and_ensembled_weights():
             torch.testing.assert_close(got[k], expected, **F64)
         for got, expected in zip(ensemble, layer(x[k], h0, c0[0], w_ih[k], w_hh)):
             torch.testing.assert_close(got[k], expected, **F64)
+
+
+def test_vmap_in_grad_mode_then_backward_matches_a_loop():
+    fast, _ = pair(num_layers=2, bidirectional=True)
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64)
+    out = vmap(fast)(xs)[0]
+    got = torch.autograd.grad((out ** 2).sum(), list(fast.parameters()))
+    loop = torch.stack([fast(x)[0] for x in xs])
+    torch.testing.assert_close(out, loop, **F64)
+    expected = torch.autograd.grad((loop ** 2).sum(), list(fast.parameters()))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **F64)

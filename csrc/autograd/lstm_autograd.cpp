@@ -118,7 +118,6 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     auto [output, h_n, c_n, gates, cells, hidden] = out;
     ctx->saved_data["training"] = training;
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["lengths"] = value_or_undefined(lengths);
     // The biases are needed only to recompute the layer for double backward, so they are not saved
     // variables (which would make backward fail after an in-place edit of a bias, as torch.nn.LSTM
     // does not); their versions are recorded so that double backward can refuse a modified bias.
@@ -129,7 +128,8 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
           static_cast<int64_t>(t.defined() ? t._version() : 0);
     }
     ctx->save_for_backward(
-        {input, h0, c0, w_ih, w_hh, value_or_undefined(w_hr), output, gates, cells, hidden});
+        {input, h0, c0, w_ih, w_hh, value_or_undefined(w_hr), output, gates, cells, hidden,
+         value_or_undefined(lengths)});
     ctx->mark_non_differentiable({gates, cells, hidden});
     return {output, h_n, c_n, gates, cells, hidden};
   }
@@ -141,9 +141,8 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3],
                  &w_hh = saved[4], &w_hr = saved[5], &output = saved[6], &gates = saved[7],
-                 &cells = saved[8], &hidden = saved[9];
+                 &cells = saved[8], &hidden = saved[9], &lengths = saved[10];
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    const Tensor lengths = ctx->saved_data["lengths"].toTensor();
     const Tensor b_ih = ctx->saved_data["b_ih"].toTensor();
     const Tensor b_hh = ctx->saved_data["b_hh"].toTensor();
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
