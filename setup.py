@@ -80,7 +80,16 @@ def extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    def run(self):
+        # Builds before the op library made a Python extension module, fastlstm/_C.cpython-*.so,
+        # which Python's import machinery would find before the new fastlstm/_C.abi3.so.
+        for stale in glob.glob(os.path.join(HERE, "fastlstm", "_C.cpython-*")):
+            os.remove(stale)
+        super().run()
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

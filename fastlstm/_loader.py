@@ -27,6 +27,10 @@ def _load() -> bool:
         spec = importlib.util.find_spec(f"{__package__}._C")
         if spec is None or not spec.origin:
             raise ImportError(f"no {__package__}/_C*.so next to {__file__}")
+        if not spec.origin.endswith(".abi3.so"):
+            # The Python extension module that builds before the op library made (its autograd was
+            # registered from Python, which no longer happens).
+            raise ImportError(f"{spec.origin} is from an older build of fastlstm; rebuild it")
         torch.ops.load_library(spec.origin)  # registers torch.ops.fastlstm.*
     except (ImportError, OSError) as e:
         _error = f"{type(e).__name__}: {e}"
