@@ -139,8 +139,7 @@ if LOADED:
                 t = t.movedim(d, batch_dim)
             return t.reshape(*t.shape[:batch_dim], -1, *t.shape[batch_dim + 2:])
 
-        T, B = (input.shape[0], input.shape[1]) if in_dims[0] is None else (
-            input.movedim(in_dims[0], 0).shape[1:3])
+        B = input.shape[1] if dims[0] is None else input.movedim(dims[0], 0).shape[2]
         out = op(fold(input, dims[0], 1), fold(h0, dims[1], 0), fold(c0, dims[2], 0), w_ih, w_hh,
                  b_ih, b_hh, w_hr, fold(lengths, dims[8], 0), reverse, training)
         output, h_n, c_n, gates, cells, hidden = out
