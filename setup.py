@@ -1,5 +1,7 @@
-"""Builds fastlstm._C: the CPU ops always, the CUDA ops when torch is a CUDA build and a CUDA toolkit
-is found.
+"""Builds fastlstm/_C*.so, the op library: the CPU ops and their autograd always, the CUDA ops when
+torch is a CUDA build and a CUDA toolkit is found. The library is a plain shared library of torch ops, not a Python module: it has no
+Python symbols (py_limited_api keeps torch_python out of the link), so a C++ program without Python
+can load it; Python loads it with torch.ops.load_library (fastlstm/_loader.py).
 
 Environment switches:
   FASTLSTM_CUDA=1     build the CUDA ops (fails if torch or the toolkit cannot)
@@ -55,8 +57,8 @@ def extension():
     debug = os.environ.get("FASTLSTM_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas"] + _cpu_isa_flags()
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    kwargs = dict(extra_link_args=["-fopenmp"])
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/autograd/*.cpp")
+    kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/kernels/*.cu")
@@ -78,7 +80,16 @@ def extension():
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    def run(self):
+        # Builds before the op library made a Python extension module, fastlstm/_C.cpython-*.so,
+        # which Python's import machinery would find before the new fastlstm/_C.abi3.so.
+        for stale in glob.glob(os.path.join(HERE, "fastlstm", "_C.cpython-*")):
+            os.remove(stale)
+        super().run()
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -15,7 +15,9 @@
 //   reverse  run t = T-1 .. 0 (the reverse direction of a bidirectional layer); with lengths,
 //            sequence b starts at t = lengths[b] - 1.
 //   training whether the backward will run: without it nothing is saved (gates, cells and hidden
-//            come back with shape [0]) and the forward needs far less memory.
+//            come back with shape [0]) and the forward needs far less memory. None (the default):
+//            decided by the Autograd kernel (csrc/autograd/lstm_autograd.cpp), true exactly when a
+//            gradient is needed; a backend kernel reached without it (below autograd) saves nothing.
 //
 // lstm_layer_forward returns
 //   output   [T, B, P]     h_t at every step (zero past a sequence's length)
@@ -35,7 +37,7 @@
 TORCH_LIBRARY(fastlstm, m) {
   m.def(
       "lstm_layer_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool training=True) "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool? training=None) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor hidden)");
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
@@ -45,11 +47,5 @@ TORCH_LIBRARY(fastlstm, m) {
       "Tensor grad_bias, Tensor grad_w_hr)");
 }
 
-// `import fastlstm._C` loads this library, which runs the registrations above and in the backends.
-extern "C" {
-#include <Python.h>
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+// The library has no Python entry point and no Python symbols: fastlstm/_loader.py loads it with
+// torch.ops.load_library, and a C++ program can dlopen it (examples/cpp).

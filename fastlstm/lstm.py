@@ -37,6 +37,13 @@ class LSTM(nn.RNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first; without it, scripting fails deep in
+        # forward's Python control flow with a message about hx's type.
+        raise RuntimeError(
+            "fastlstm.LSTM does not support torch.jit.script (TorchScript scripting is deprecated "
+            "in this torch); use torch.jit.trace, torch.export or torch.compile instead")
+
     def forward(self, input, hx=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
         self._update_flat_weights()
         weights = _check_weights(self._flat_weights, self._flat_weights_names)

@@ -1,5 +1,6 @@
-"""Python side of the ops: the differentiable one-layer wrapper, fake (meta) implementations for
-torch.compile, autograd through the backward op, and autocast."""
+"""Python side of the ops: the one-layer wrapper, fake (meta) implementations for torch.compile,
+autocast, and a vmap batching rule. Autograd is registered in C++ (csrc/autograd/lstm_autograd.cpp),
+so that it also exists in a C++ program without Python."""
 from __future__ import annotations
 
 import warnings
@@ -67,12 +68,10 @@ def lstm_layer(
     input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None,
     w_hr [P, H] or None, lengths [B] int64 on the input's device or None; see csrc/fastlstm.cpp."""
     if _compiled_for(input.device):
-        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        # Whether backward can run. A jit.trace bakes this in as a constant, so a trace keeps what
-        # backward needs whatever the grad mode it was traced under.
-        training = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors))
-        out = torch.ops.fastlstm.lstm_layer_forward(*tensors, lengths, reverse, training)
+        # training is left to the op's Autograd kernel (None): it saves activations only when a
+        # gradient is needed, also when the call is replayed from a trace or an exported program.
+        out = torch.ops.fastlstm.lstm_layer_forward(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
         return out[0], out[1], out[2]
     return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
 
@@ -121,9 +120,9 @@ if LOADED:
 
     @torch.library.register_fake(_FORWARD)
     def _forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                      training=True):
+                      training=None):
         T, B, H, P = _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-        saved = training
+        saved = training is True  # None below autograd: nothing saved (csrc/fastlstm.cpp)
         return (
             input.new_empty(T, B, P),
             input.new_empty(B, P),
@@ -161,60 +160,45 @@ if LOADED:
             like(w_hr) if w_hr is not None else like(input, (0,)),
         )
 
-    def _setup_context(ctx, inputs, output):
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, *training = inputs
-        out, _, _, gates, cells, hidden = output
-        if training and not training[0]:
-            ctx.saved_nothing = True
-        ctx.save_for_backward(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates,
-                              cells, hidden)
-        ctx.reverse = reverse
-        ctx.mark_non_differentiable(gates, cells, hidden)
+    def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                      reverse, training=None):
+        # torch.vmap of the forward op. Shared weights (per-sample inputs, states or lengths): the
+        # vmapped dimension N is folded into the batch, one call on [T, N*B, ...]. Batched weights
+        # (an ensemble): one call per member, as vmap's own fallback would make.
+        op = torch.ops.fastlstm.lstm_layer_forward.default
+        n = info.batch_size
+        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        dims = in_dims[:9]
+        if any(d is not None for d in dims[3:8]):
+            outs = [op(*(t.select(d, k) if d is not None else t for t, d in zip(tensors, dims)),
+                        reverse, training) for k in range(n)]
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 6
 
-    def _backward(ctx, grad_output, grad_h_n, grad_c_n, _gates, _cells, _hidden):
-        if getattr(ctx, "saved_nothing", False):
-            raise RuntimeError(
-                "fastlstm: backward through lstm_layer_forward called with training=False, which "
-                "saves nothing for backward; call it with training=True")
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cells, hidden = (
-            ctx.saved_tensors
-        )
-        if grad_output is None:
-            grad_output = torch.zeros_like(out)
-        if grad_h_n is None:
-            grad_h_n = torch.zeros_like(h0)
-        if grad_c_n is None:
-            grad_c_n = torch.zeros_like(c0)
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward, e.g. a gradient penalty): recompute through the
-            # reference, whose graph autograd can differentiate again.
-            return _backward_differentiable(
-                ctx, (grad_output, grad_h_n, grad_c_n),
-                (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), lengths,
-            )
-        grads = torch.ops.fastlstm.lstm_layer_backward(
-            grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr, lengths, out,
-            gates, cells, hidden, ctx.reverse,
-        )
-        g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr = grads
-        return (
-            g_input, g_h0, g_c0, g_w_ih, g_w_hh,
-            g_bias if b_ih is not None else None,
-            g_bias if b_hh is not None else None,
-            g_w_hr if w_hr is not None else None,
-            None, None, None,
-        )
+        def fold(t, d, batch_dim):
+            # [..., B, ...] per sample with the vmapped dim at d -> N folded into the batch dim.
+            if t is None:
+                return None
+            if d is None:
+                t = t.unsqueeze(batch_dim).expand(*t.shape[:batch_dim], n, *t.shape[batch_dim:])
+            else:
+                t = t.movedim(d, batch_dim)
+            return t.reshape(*t.shape[:batch_dim], -1, *t.shape[batch_dim + 2:])
 
-    def _backward_differentiable(ctx, grad_outputs, tensors, lengths):
-        wanted = [t for t in tensors if t is not None and t.requires_grad]
-        with torch.enable_grad():
-            outputs = reference.lstm_layer(*tensors, lengths=lengths, reverse=ctx.reverse)
-            found = torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
-                                        allow_unused=True)
-        by_id = {id(t): g for t, g in zip(wanted, found)}
-        return (*(None if t is None else by_id.get(id(t)) for t in tensors), None, None, None)
+        B = input.shape[1] if dims[0] is None else input.movedim(dims[0], 0).shape[2]
+        out = op(fold(input, dims[0], 1), fold(h0, dims[1], 0), fold(c0, dims[2], 0), w_ih, w_hh,
+                 b_ih, b_hh, w_hr, fold(lengths, dims[8], 0), reverse, training)
+        output, h_n, c_n, gates, cells, hidden = out
 
-    torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+        def unfold(t, batch_dim):
+            if t.numel() == 0 and t.dim() == 1:
+                return t, None  # nothing saved: the same [0] as every sample's
+            return t.unflatten(batch_dim, (n, B)), batch_dim
+
+        results = [unfold(output, 1), unfold(h_n, 0), unfold(c_n, 0), unfold(gates, 1),
+                   unfold(cells, 1), unfold(hidden, 1)]
+        return tuple(r for r, _ in results), tuple(d for _, d in results)
+
+    torch.library.register_vmap(_FORWARD, _forward_vmap)
 
     def _register_autocast(device_type: str) -> None:
         # Like torch.library.register_autocast, but casting to the dtype of the current autocast

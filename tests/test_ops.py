@@ -45,7 +45,8 @@ def test_opcheck_backward(proj, lengths, reverse):
     args = [a.detach() if isinstance(a, torch.Tensor) else a
             for a in layer_args(proj, lengths, reverse, True)]
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lens, rev = args
-    out, h_n, c_n, gates, cells, hidden = torch.ops.fastlstm.lstm_layer_forward(*args)
+    # training=True: these inputs need no gradient, so the default (None) would save nothing.
+    out, h_n, c_n, gates, cells, hidden = torch.ops.fastlstm.lstm_layer_forward(*args, True)
     grads = (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n))
     torch.library.opcheck(torch.ops.fastlstm.lstm_layer_backward.default,
                           (*grads, x, h0, c0, w_ih, w_hh, w_hr, lens, out, gates, cells, hidden,

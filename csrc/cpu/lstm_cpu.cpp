@@ -516,7 +516,15 @@ lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
-  m.impl("lstm_layer_forward", &lstm_layer_forward_cpu);
+  // training=None reaching a backend (a call below autograd) saves nothing: csrc/fastlstm.cpp.
+  m.impl("lstm_layer_forward",
+         [](const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+            const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+            const std::optional<at::Tensor>& lengths, bool reverse, std::optional<bool> training) {
+           return lstm_layer_forward_cpu(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                                         training.value_or(false));
+         });
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
 }
 

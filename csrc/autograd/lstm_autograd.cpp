@@ -1,0 +1,257 @@
+// Autograd for fastlstm::lstm_layer_forward, registered in C++ at the Autograd dispatch key, so that it
+// exists wherever the op library is loaded (a C++ program without Python included) and so that the
+// decision to save activations is made at runtime, where it is known whether a gradient is needed.
+//
+// Arguments and shapes are those of the op (csrc/fastlstm.cpp). What this kernel does:
+//   - no gradient needed (grad mode off, or no input requires grad): run the op below autograd with
+//     training = false unless the caller asked for it explicitly. A graph captured above autograd
+//     (torch.jit.trace, torch.export's training IR) records training = None, so it saves nothing
+//     when it is later run for inference, whatever grad mode it was captured in.
+//   - a gradient needed: run the op with training = true inside a torch::autograd::Function whose
+//     backward is fastlstm::lstm_layer_backward. A graph captured below autograd (AOTAutograd, an
+//     inference export after decompositions) records the resolved flag.
+//   - forward-mode AD (a tangent on any input: torch.func.jvp, jacfwd, torch.autograd.forward_ad),
+//     or a gradient needed inside a torch.func transform (grad, vjp, jacrev, vmap, ...), which
+//     refuses C++ autograd Functions: run the composite below, made of ATen ops that have forward
+//     derivatives, batching rules and functorch support, instead of the fused op. Slower, but
+//     correct under every transform; plain vmap without a gradient uses the op's batching rule
+//     (fastlstm/ops.py).
+// Double backward (backward with create_graph = true, e.g. torch.func.grad, gradient penalties)
+// recomputes the layer with the composite and differentiates it, so the gradient is itself
+// differentiable.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastlstm {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+Tensor value_or_undefined(const OptTensor& t) { return present(t) ? *t : Tensor(); }
+
+// One layer, one direction in plain ATen ops (the same contract as fastlstm.reference.lstm_layer):
+// input [T, B, I], h0 [B, P], c0 [B, H] -> output [T, B, P], h_n [B, P], c_n [B, H]. Slow; used only
+// for forward-mode AD and double backward, where differentiability matters more than speed.
+std::tuple<Tensor, Tensor, Tensor> composite_layer(const Tensor& input, const Tensor& h0,
+                                                   const Tensor& c0, const Tensor& w_ih,
+                                                   const Tensor& w_hh, const Tensor& b_ih,
+                                                   const Tensor& b_hh, const Tensor& w_hr,
+                                                   const Tensor& lengths, bool reverse) {
+  const int64_t T = input.size(0);
+  Tensor x = at::linear(input, w_ih, b_ih.defined() ? std::optional<Tensor>(b_ih) : std::nullopt);
+  if (b_hh.defined()) x = x + b_hh;
+  Tensor h = h0, c = c0;
+  std::vector<Tensor> outputs(T);
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    const auto g = (x[t] + at::linear(h, w_hh)).chunk(4, 1);
+    Tensor c_new = at::sigmoid(g[1]) * c + at::sigmoid(g[0]) * at::tanh(g[2]);
+    Tensor h_new = at::sigmoid(g[3]) * at::tanh(c_new);
+    if (w_hr.defined()) h_new = at::linear(h_new, w_hr);
+    if (!lengths.defined()) {
+      h = h_new;
+      c = c_new;
+      outputs[t] = h_new;
+    } else {
+      const Tensor active = lengths.gt(t).unsqueeze(1);
+      h = at::where(active, h_new, h);
+      c = at::where(active, c_new, c);
+      outputs[t] = at::where(active, h_new, at::zeros_like(h_new));
+    }
+  }
+  Tensor output = T > 0 ? at::stack(outputs) : input.new_zeros({0, input.size(1), h0.size(1)});
+  return {output, h, c};
+}
+
+const c10::TypedOperatorHandle<ForwardOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, const OptTensor&, bool,
+                                          std::optional<bool>)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastlstm::lstm_layer_forward", "")
+                             .typed<ForwardOut(const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, const Tensor&, const OptTensor&,
+                                               const OptTensor&, const OptTensor&, const OptTensor&,
+                                               bool, std::optional<bool>)>();
+  return op;
+}
+
+using BackwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+const c10::TypedOperatorHandle<BackwardOut(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, bool)>&
+backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastlstm::lstm_layer_backward", "")
+          .typed<BackwardOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, bool)>();
+  return op;
+}
+
+struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0,
+                               const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                               const OptTensor& lengths, bool reverse, bool training) {
+    ForwardOut out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                              training);
+    }
+    auto [output, h_n, c_n, gates, cells, hidden] = out;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["reverse"] = reverse;
+    // The biases are needed only to recompute the layer for double backward, so they are not saved
+    // variables (which would make backward fail after an in-place edit of a bias, as torch.nn.LSTM
+    // does not); their versions are recorded so that double backward can refuse a modified bias.
+    for (const auto& [name, b] : {std::pair{"b_ih", &b_ih}, std::pair{"b_hh", &b_hh}}) {
+      const Tensor t = value_or_undefined(*b);
+      ctx->saved_data[name] = t;
+      ctx->saved_data[std::string(name) + "_version"] =
+          static_cast<int64_t>(t.defined() ? t._version() : 0);
+    }
+    ctx->save_for_backward(
+        {input, h0, c0, w_ih, w_hh, value_or_undefined(w_hr), output, gates, cells, hidden,
+         value_or_undefined(lengths)});
+    ctx->mark_non_differentiable({gates, cells, hidden});
+    return {output, h_n, c_n, gates, cells, hidden};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["training"].toBool(),
+                "fastlstm: backward through lstm_layer_forward called with training=False, which "
+                "saves nothing for backward; call it with training=True or None");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3],
+                 &w_hh = saved[4], &w_hr = saved[5], &output = saved[6], &gates = saved[7],
+                 &cells = saved[8], &hidden = saved[9], &lengths = saved[10];
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const Tensor b_ih = ctx->saved_data["b_ih"].toTensor();
+    const Tensor b_hh = ctx->saved_data["b_hh"].toTensor();
+    const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
+    const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
+    const Tensor grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
+    const OptTensor opt_w_hr = w_hr.defined() ? OptTensor(w_hr) : std::nullopt;
+    const OptTensor opt_lengths = lengths.defined() ? OptTensor(lengths) : std::nullopt;
+
+    variable_list result(11);
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph = true: differentiate the composite, whose graph can be differentiated again.
+      for (const auto& [name, b] : {std::pair{"b_ih", &b_ih}, std::pair{"b_hh", &b_hh}}) {
+        TORCH_CHECK(!b->defined() ||
+                        b->_version() == ctx->saved_data[std::string(name) + "_version"].toInt(),
+                    "one of the variables needed for gradient computation has been modified by an "
+                    "inplace operation: fastlstm's double backward (create_graph=True) recomputes "
+                    "the layer and needs ", name, " as it was in the forward (version ",
+                    ctx->saved_data[std::string(name) + "_version"].toInt(), ", now ",
+                    b->_version(), ")");
+      }
+      const std::vector<Tensor> inputs = {input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr};
+      variable_list diff_inputs;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        if (inputs[i].defined() && inputs[i].requires_grad()) {
+          diff_inputs.push_back(inputs[i]);
+        }
+      }
+      if (diff_inputs.empty()) return result;
+      auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                       reverse);
+      const variable_list found = torch::autograd::grad(
+          {o, h, c}, diff_inputs, {grad_output, grad_h_n, grad_c_n}, /*retain_graph=*/std::nullopt,
+          /*create_graph=*/true, /*allow_unused=*/true);
+      size_t k = 0;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        if (inputs[i].defined() && inputs[i].requires_grad()) result[i] = found[k++];
+      }
+      return result;
+    }
+
+    auto [g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr] =
+        backward_op().call(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, opt_w_hr,
+                           opt_lengths, output, gates, cells, hidden, reverse);
+    result[0] = g_input;
+    result[1] = g_h0;
+    result[2] = g_c0;
+    result[3] = g_w_ih;
+    result[4] = g_w_hh;
+    // Both biases get the same gradient, but as two tensors: a caller may scale or clip one of them
+    // in place (torch._foreach_mul_ over torch.autograd.grad's results).
+    if (b_ih.defined()) result[5] = g_bias;
+    if (b_hh.defined()) result[6] = b_ih.defined() ? g_bias.clone() : g_bias;
+    if (w_hr.defined()) result[7] = g_w_hr;
+    return result;
+  }
+};
+
+bool has_tangent(const OptTensor& t) {
+  return present(t) && t->_fw_grad(/*level=*/0).defined();
+}
+
+ForwardOut lstm_layer_forward_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0,
+                                       const Tensor& w_ih, const Tensor& w_hh,
+                                       const OptTensor& b_ih, const OptTensor& b_hh,
+                                       const OptTensor& w_hr, const OptTensor& lengths,
+                                       bool reverse, std::optional<bool> training) {
+  const std::vector<OptTensor> differentiable = {input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr};
+  bool forward_ad = false, needs_grad = false;
+  for (const auto& t : differentiable) {
+    forward_ad = forward_ad || has_tangent(t);
+    needs_grad = needs_grad || (present(t) && t->requires_grad());
+  }
+  needs_grad = needs_grad && torch::autograd::GradMode::is_enabled();
+
+  // functorch refuses a C++ autograd Function whenever a transform is active (its stack of dynamic
+  // layers is not empty), which is exactly when it includes its back-mode key in the TLS.
+  // (ATen/functorch/DynamicLayer.h, which could ask directly, is not usable from the wheel.)
+  const bool in_transform =
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  if (forward_ad || (needs_grad && in_transform)) {
+    // Nothing is saved in the op's sense, so gates, cells and hidden come back empty.
+    TORCH_CHECK(!training.value_or(false),
+                "fastlstm: lstm_layer_forward with training=True does not support forward-mode AD "
+                "or torch.func transforms; pass training=None (the default)");
+    auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, value_or_undefined(b_ih),
+                                     value_or_undefined(b_hh), value_or_undefined(w_hr),
+                                     value_or_undefined(lengths), reverse);
+    const auto empty = input.new_empty({0});
+    const auto cell_empty = input.new_empty(
+        {0}, input.options().dtype(input.scalar_type() == at::kHalf ||
+                                           input.scalar_type() == at::kBFloat16
+                                       ? at::kFloat
+                                       : input.scalar_type()));
+    return {o, h, c, empty, cell_empty, input.new_empty({0})};
+  }
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                             training.value_or(false));
+  }
+  const variable_list out = LstmLayerFunction::apply(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                                     lengths, reverse, training.value_or(true));
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlstm, Autograd, m) {
+  m.impl("lstm_layer_forward", &lstm_layer_forward_autograd);
+}
+
+}  // namespace fastlstm
