@@ -156,7 +156,7 @@ BACKWARD_NAMES = ["grad_output", "grad_h_n", "grad_c_n", "input", "h0", "c0", "w
 def test_backward_op_rejects_one_argument_on_another_device(name):
     fwd = [a.detach() if isinstance(a, torch.Tensor) else a
            for a in layer_args(True, True, False, True)]
-    out, h_n, c_n, gates, cells, hidden = torch.ops.fastlstm.lstm_layer_forward(*fwd)
+    out, h_n, c_n, gates, cells, hidden = torch.ops.fastlstm.lstm_layer_forward(*fwd, True)
     x, h0, c0, w_ih, w_hh, _, _, w_hr, lengths, reverse = fwd
     args = [torch.ones_like(out), torch.ones_like(h_n), torch.ones_like(c_n), x, h0, c0, w_ih, w_hh,
             w_hr, lengths, out, gates, cells, hidden]
