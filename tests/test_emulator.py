@@ -91,7 +91,8 @@ class Case:
                        w_ih=a["w_ih"], w_hh=a["w_hh"], bias=a["b_ih"] + a["b_hh"], w_hr=a["w_hr"],
                        lengths=self.lengths)
         T, B, H, P, dt = self.T, self.B, self.H, self.P, self.dtype
-        shapes = {"output": ((T, B, P), dt), "h_n": ((B, P), dt), "c_n": ((B, H), dt)}
+        shapes = {"output": ((T, B, P), dt), "h_n": ((B, P), dt), "c_n": ((B, H), dt),
+                  "buffers": ((8,), torch.int64)}
         if training:
             shapes.update(gates=((T, B, 4 * H), dt), cells=((T, B, H), CELL[dt]))
             if self.proj:
@@ -160,14 +161,31 @@ BACKWARD_NAMES = ["grad_input", "grad_h0", "grad_c0", "grad_w_ih", "grad_w_hh", 
 
 
 def check_forward(case, exe, training, max_xg=0):
+    max_xg = max_xg or 1 << 24
     got = case.emu_forward(exe, training, max_xg=max_xg)
     cpu = case.cpu_forward(case.dtype, training)
     ref = case.cpu_forward(torch.float64, training)
     for i, name in enumerate(FORWARD_NAMES):
         if name in got:
             assert_matches(name, got[name], cpu[i], ref[i], case.dtype)
-    if not training:
-        assert set(got) == {"output", "h_n", "c_n"}
+    check_buffers(case, got["buffers"].tolist(), training, max_xg)
+
+
+def check_buffers(case, buffers, training, max_xg):
+    """What the layer code allocated (csrc/kernels/lstm_host.h, forward_buffers). The driver hands
+    the kernels nullptr for every buffer of size 0, so a kernel that still wrote one would crash."""
+    T, B, H, P = case.T, case.B, case.H, case.P
+    xg, chunk, h_state, c_state, output, gates, cells, hidden = buffers
+    assert (h_state, c_state, output) == (2 * B * P, B * H, T * B * P)
+    if training:
+        assert (chunk, xg, gates, cells) == (T, T * B * 4 * H, T * B * 4 * H, T * B * H)
+        assert hidden == (T * B * H if case.proj else 0)
+    else:
+        # Nothing saved: no gates or cells, at most one step's hidden (scratch for the projection),
+        # and the input projected a chunk of steps at a time.
+        assert (gates, cells) == (0, 0)
+        assert hidden == (B * H if case.proj else 0)
+        assert chunk == max(1, min(T, max_xg // (B * 4 * H))) and xg == chunk * B * 4 * H
 
 
 def check_backward(case, exe):
@@ -208,3 +226,85 @@ BACKWARD_CASES = [
 @pytest.mark.parametrize("dtype, tile, lengths, proj, reverse", BACKWARD_CASES)
 def test_backward(sm80, dtype, tile, lengths, proj, reverse):
     check_backward(Case(dtype, tile, lengths, proj, reverse), sm80)
+
+
+# ---- Results must not depend on scheduling: races show up as bitwise differences. ----
+ORDERS = [
+    {"FASTLSTM_EMU_THREAD_ORDER": "reverse", "FASTLSTM_EMU_BLOCK_ORDER": "reverse"},
+    {"FASTLSTM_EMU_THREAD_ORDER": "shuffle", "FASTLSTM_EMU_BLOCK_ORDER": "shuffle",
+     "FASTLSTM_EMU_SEED": "1"},
+    {"FASTLSTM_EMU_THREAD_ORDER": "shuffle", "FASTLSTM_EMU_BLOCK_ORDER": "forward",
+     "FASTLSTM_EMU_SEED": "2"},
+]
+ORDER_CASES = [
+    pytest.param(torch.float64, 8, True, False, True, id="float64-bb8-lengths-noproj-rev"),
+    pytest.param(torch.float32, 16, True, True, False, id="float32-bb16-lengths-proj-fwd"),
+    pytest.param(torch.float16, 16, False, False, True, id="float16-bb16-full-noproj-rev"),
+    pytest.param(torch.bfloat16, 8, True, True, False, id="bfloat16-bb8-lengths-proj-fwd"),
+]
+
+
+def _bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), \
+            f"{name} differs between thread/block orders"
+
+
+@pytest.mark.parametrize("dtype, tile, lengths, proj, reverse", ORDER_CASES)
+def test_thread_and_block_order_bitwise(sm80, dtype, tile, lengths, proj, reverse):
+    case = Case(dtype, tile, lengths, proj, reverse)
+    saved = case.cpu_forward(dtype, True)
+    fwd = case.emu_forward(sm80, True)
+    bwd = case.emu_backward(sm80, saved)
+    for env in ORDERS:
+        _bitwise_equal(fwd, case.emu_forward(sm80, True, env=env))
+        _bitwise_equal(bwd, case.emu_backward(sm80, saved, env=env))
+
+
+# ---- The FMA path for 16-bit types (no tensor cores). ----
+@pytest.fixture(scope="session")
+def fma():
+    return emulator.build("fma")
+
+
+@pytest.mark.parametrize("proj", [False, True], ids=["noproj", "proj"])
+@pytest.mark.parametrize("tile", [8, 16], ids=lambda t: f"bb{t}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_fma_path_16bit(fma, dtype, tile, proj):
+    case = Case(dtype, tile, lengths=True, proj=proj, reverse=proj)
+    check_forward(case, fma, True)
+    check_backward(case, fma)
+
+
+# ---- AddressSanitizer + UndefinedBehaviorSanitizer, exact-size buffers and shared arrays. ----
+@pytest.fixture(scope="session")
+def asan():
+    return emulator.build("asan")
+
+
+ASAN_CASES = [
+    pytest.param(dtype, tile, lengths, proj, id=f"{_id(dtype)}-bb{tile}-{lengths}-{proj}")
+    for dtype, tile, lengths, proj in [
+        (torch.float64, 8, True, True), (torch.float32, 16, False, True),
+        (torch.float32, 8, True, False), (torch.float16, 16, True, True),
+        (torch.bfloat16, 8, False, False), (torch.bfloat16, 16, True, True)]
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, tile, lengths, proj", ASAN_CASES)
+def test_sanitizers(asan, dtype, tile, lengths, proj):
+    case = Case(dtype, tile, lengths, proj, reverse=lengths)
+    check_forward(case, asan, True)
+    check_forward(case, asan, False, max_xg=case.B * 4 * case.H)
+    check_backward(case, asan)
+
+
+def test_emulator_selftest(sm80):
+    """The parts of the emulator the LSTM kernels do not use yet: the grid barrier of a cooperative
+    launch, warp shuffles, launch-configuration limits."""
+    import subprocess
+    proc = subprocess.run([str(sm80), "selftest"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout and proc.stdout.count("ok:") == 7, proc.stdout

@@ -4,7 +4,8 @@
 //   driver forward IN OUT     IN holds sizes [T, B, I, H, P], flags [reverse, training, dtype,
 //                             max_xg_elements], x, h0, c0, w_ih, w_hh, optional bias (b_ih + b_hh),
 //                             w_hr, lengths; OUT gets output, h_n, c_n (+ gates, cells, hidden when
-//                             training)
+//                             training) and buffers: the element counts forward_buffers asked for
+//                             (xg, chunk, h_state, c_state, output, gates, cells, hidden)
 //   driver backward IN OUT    IN adds grad_output, grad_h_n, grad_c_n, output, gates, cells, hidden;
 //                             OUT gets grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
 //                             grad_bias, grad_w_hr
@@ -205,6 +206,8 @@ void forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& o
   CpuMath<T> math;
   T* h_n = nullptr;
   check(fastlstm::cuda::lstm_layer_forward<T>(s, nb, a, math, nullptr, &h_n), "forward");
+  const int64_t sizes[] = {nb.xg, nb.chunk, nb.h_state, nb.c_state, nb.output, nb.gates, nb.cells, nb.hidden};
+  out.put("buffers", sizes, sizeof sizes);
   out.put("output", output.p, output.n);
   out.put("h_n", h_n, s.B * s.P * sizeof(T));
   const std::vector<T> c_n = from_acc<T>(c_state.as<Acc>(), s.B * s.H);
