@@ -33,6 +33,16 @@ T_STEPS = {8: 4, 16: 3, 32: 2}
 I_SIZE = 12
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are small: with the CPU's threads busy running the emulator and other tests,
+    # OpenMP's spin-waits cost more than they save.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def sm80():
     return emulator.build("sm80")
@@ -148,8 +158,9 @@ def assert_matches(name, emu, cpu, ref, dtype):
         torch.testing.assert_close(emu, cpu, rtol=rtol, atol=atol * scale,
                                    msg=lambda m: f"{name}: {m}")
         return
-    assert torch.isfinite(emu).all(), f"{name}: non-finite values"
-    e = (emu.double() - ref).abs().max().item()
+    emu64 = emu.double()
+    assert torch.isfinite(emu64).all(), f"{name}: non-finite values"
+    e = (emu64 - ref).abs().max().item()
     c = (cpu.double() - ref).abs().max().item()
     bound = 4 * c + torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
     assert e <= bound, f"{name}: error {e:.3g} against float64, the CPU op's is {c:.3g} (bound {bound:.3g})"

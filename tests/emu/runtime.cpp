@@ -1,4 +1,4 @@
-// The emulator's scheduler: CUDA threads as ucontext fibers that switch only at barriers.
+// The emulator's scheduler: CUDA threads as fibers that switch only at barriers.
 //
 // A launch runs its blocks one at a time (all at once for a cooperative launch), in an order set by
 // FASTLSTM_EMU_BLOCK_ORDER. Within a block every runnable thread runs until it waits at a barrier
@@ -28,6 +28,78 @@
 #define EMU_ASAN 1
 #else
 #define EMU_ASAN 0
+#endif
+
+// Fiber switches. On x86-64 a few instructions that keep the callee-saved registers and the
+// floating-point control words (ucontext's swapcontext makes a system call per switch; this halved
+// the time of a 129-block forward step here); elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void fastlstm_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl fastlstm_emu_switch
+  .type fastlstm_emu_switch,@function
+fastlstm_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fastlstm_emu_switch,.-fastlstm_emu_switch
+)");
+
+namespace {
+struct Context {
+  void* sp = nullptr;
+};
+// A context that starts `entry` on the stack [stack, stack + bytes) at its first switch.
+void make_context(Context& c, char* stack, std::size_t bytes, void (*entry)()) {
+  auto* top = reinterpret_cast<uint64_t*>(
+      (reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15)));
+  // From the saved stack pointer up: control words, r15 r14 r13 r12 rbx rbp, the address `ret`
+  // jumps to, and a null return address for entry (which never returns). After `ret` the stack
+  // pointer is 8 mod 16, as at any function's entry.
+  uint64_t* sp = top - 9;
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
+  std::memcpy(&sp[0], csr, 8);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;
+  sp[7] = reinterpret_cast<uint64_t>(entry);
+  sp[8] = 0;
+  c.sp = sp;
+}
+void switch_context(Context& from, Context& to) { fastlstm_emu_switch(&from.sp, to.sp); }
+}  // namespace
+#else
+namespace {
+struct Context {
+  ucontext_t uc;
+};
+void make_context(Context& c, char* stack, std::size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+}  // namespace
 #endif
 
 namespace fastlstm_emu {
@@ -114,7 +186,7 @@ struct BlockState {
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   char* stack = nullptr;
   ThreadIndex index;
   Wait wait = Wait::kRunnable;
@@ -135,7 +207,7 @@ struct Launch {
   const std::function<void()>* body = nullptr;
   std::vector<BlockState> blocks;
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* current = nullptr;
   const void* sched_stack_bottom = nullptr;
   std::size_t sched_stack_size = 0;
@@ -169,7 +241,7 @@ void yield(Wait wait, Site site) {
   f->site = site;
   f->arrivals = ++f->per_kind[static_cast<int>(wait)];
   start_switch(&f->fake_stack, l.sched_stack_bottom, l.sched_stack_size);
-  swapcontext(&f->ctx, &l.scheduler);
+  switch_context(f->ctx, l.scheduler);
   finish_switch(f->fake_stack, &l.sched_stack_bottom, &l.sched_stack_size);
 }
 
@@ -180,7 +252,7 @@ void fiber_main() {
   Fiber* f = l.current;
   f->wait = Wait::kDone;
   start_switch(nullptr, l.sched_stack_bottom, l.sched_stack_size);
-  swapcontext(&f->ctx, &l.scheduler);
+  switch_context(f->ctx, l.scheduler);
   fail("a returned CUDA thread was resumed");
 }
 
@@ -189,7 +261,7 @@ void run_fiber(Launch& l, Fiber& f) {
   g_index = &f.index;
   void* fake = nullptr;
   start_switch(&fake, f.stack, stack_bytes());
-  swapcontext(&l.scheduler, &f.ctx);
+  switch_context(l.scheduler, f.ctx);
   finish_switch(fake, nullptr, nullptr);
   l.current = nullptr;
   g_index = nullptr;
@@ -347,11 +419,7 @@ cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::func
         f.index = {dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y)), bidx, block,
                    grid};
         f.stack = stack_for(std::size_t(rb) * tpb + t);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack;
-        f.ctx.uc_stack.ss_size = stack_bytes();
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        make_context(f.ctx, f.stack, stack_bytes(), fiber_main);
       }
     }
     run_resident(l, 0, resident * tpb, tpb);
