@@ -262,15 +262,18 @@ def _bitwise_equal(a, b):
             f"{name} differs between thread/block orders"
 
 
+def check_orders(case, exe):
+    saved = case.cpu_forward(case.dtype, True)
+    fwd = case.emu_forward(exe, True)
+    bwd = case.emu_backward(exe, saved)
+    for env in ORDERS:
+        _bitwise_equal(fwd, case.emu_forward(exe, True, env=env))
+        _bitwise_equal(bwd, case.emu_backward(exe, saved, env=env))
+
+
 @pytest.mark.parametrize("dtype, tile, lengths, proj, reverse", ORDER_CASES)
 def test_thread_and_block_order_bitwise(sm80, dtype, tile, lengths, proj, reverse):
-    case = Case(dtype, tile, lengths, proj, reverse)
-    saved = case.cpu_forward(dtype, True)
-    fwd = case.emu_forward(sm80, True)
-    bwd = case.emu_backward(sm80, saved)
-    for env in ORDERS:
-        _bitwise_equal(fwd, case.emu_forward(sm80, True, env=env))
-        _bitwise_equal(bwd, case.emu_backward(sm80, saved, env=env))
+    check_orders(Case(dtype, tile, lengths, proj, reverse), sm80)
 
 
 # ---- The FMA path for 16-bit types (no tensor cores). ----

@@ -29,6 +29,8 @@ VARIANTS = {
     "asan": ["-O1", "-g", "-D__CUDA_ARCH__=800", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
+# The mutation check (tests/emu/mutate.py) builds once per planted bug: unoptimised, so it builds fast.
+VARIANTS["asan-O0"] = ["-O0"] + VARIANTS["asan"][1:]
 
 DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -127,7 +129,9 @@ def run(exe: Path, mode: str, tensors: dict, shapes: dict, env: dict | None = No
         proc = subprocess.run([str(exe), mode, str(inp), str(outp)], capture_output=True, text=True,
                               env={**os.environ, **(env or {})}, timeout=timeout)
         if proc.returncode != 0:
-            raise EmulatorError(f"driver {mode} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+            err = proc.stderr if len(proc.stderr) < 6000 else (
+                proc.stderr[:3000] + "\n[...]\n" + proc.stderr[-3000:])
+            raise EmulatorError(f"driver {mode} exited with {proc.returncode}:\n{err}")
         raw = read_tensors(outp)
     result = {}
     for name, (shape, dtype) in shapes.items():
