@@ -30,6 +30,7 @@ VARIANTS = {
              "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
 }
 # The mutation check (tests/emu/mutate.py) builds once per planted bug: unoptimised, so it builds fast.
+VARIANTS["O0"] = ["-O0", "-D__CUDA_ARCH__=800"]
 VARIANTS["asan-O0"] = ["-O0"] + VARIANTS["asan"][1:]
 
 DTYPE_CODE = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}

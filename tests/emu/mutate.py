@@ -1,6 +1,6 @@
 """Mutation check for the CUDA emulator: plants known bugs in a copy of csrc/kernels, one at a time,
-builds each copy under the emulator (AddressSanitizer + UndefinedBehaviorSanitizer, unoptimised),
-and runs the checks of tests/test_emulator.py that should catch it. Exits non-zero if the unmutated
+builds each copy under the emulator (unoptimised; with AddressSanitizer + UndefinedBehaviorSanitizer
+for the out-of-bounds bugs), and runs the checks of tests/test_emulator.py that should catch it. Exits non-zero if the unmutated
 kernels fail those checks or if any planted bug goes uncaught.
 
     python tests/emu/mutate.py            # all mutants
@@ -25,7 +25,6 @@ import torch  # noqa: E402
 import emulator  # noqa: E402
 import test_emulator as te  # noqa: E402
 
-VARIANT = "asan-O0"
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Mutant:
     old: str
     new: str
     checks: list  # (description, function(exe)) run until one raises
+    variant: str = "O0"  # the emulator build (tests/emu/emulator.py, VARIANTS)
 
 
 def values(dtype, tile, lengths, proj, reverse=False):
@@ -57,12 +57,12 @@ MUTANTS = [
            "a_s[r][kk] = (b < B && k < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
            "a_s[r][kk] = (b <= B && k < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
            # P = 13: the scalar loads; the row past the batch is never used, so only ASan sees it.
-           [values(torch.float32, 8, True, True)]),
+           [values(torch.float32, 8, True, True)], "asan-O0"),
     Mutant("oob-shared", "reads one row past the end of a shared-memory array",
            "lstm_device.cuh",
            "const Acc a1 = to_acc(a_s[row[1]][kk]);",
            "const Acc a1 = to_acc(a_s[row[1] + 1][kk]);",
-           [values(torch.float32, 8, False, False)]),
+           [values(torch.float32, 8, False, False)], "asan-O0"),
     Mutant("missing-barrier-after-load", "computes before the block has loaded the tile",
            "lstm_device.cuh",
            "    }\n    __syncthreads();\n\n    if constexpr (kMma) {",
@@ -109,10 +109,9 @@ def main(names):
     torch.set_num_threads(1)
     kernels = emulator.kernels_dir()
     start = time.time()
-    print(f"baseline: unmutated kernels ({VARIANT} build)", flush=True)
-    base = emulator.build(VARIANT)
+    print("baseline: the unmutated kernels pass every check", flush=True)
     for m in selected:
-        failed = run_checks(m, base)
+        failed = run_checks(m, emulator.build(m.variant))
         if failed:
             sys.exit(f"the unmutated kernels fail the checks for {m.name}: {failed}")
     print(f"  all checks pass ({time.time() - start:.0f} s)", flush=True)
@@ -131,7 +130,7 @@ def main(names):
             os.environ["FASTLSTM_EMU_KERNELS"] = str(copy)
             exe = None
             try:
-                exe = emulator.build(VARIANT)
+                exe = emulator.build(m.variant)
                 failed = run_checks(m, exe)
             finally:
                 del os.environ["FASTLSTM_EMU_KERNELS"]
