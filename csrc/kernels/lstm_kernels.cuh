@@ -1,7 +1,7 @@
 // Host-facing launchers of the CUDA LSTM kernels. Framework-free: raw device pointers, sizes and a
-// stream in, a cudaError_t out (the launch's cudaGetLastError()). The binding
-// (csrc/cuda/lstm_cuda.cpp) does everything that is a large GEMM through ATen and calls these once per
-// timestep, in processing order.
+// stream in, a cudaError_t out (the launch's cudaGetLastError()). The layer code (lstm_host.h) calls
+// these once per timestep, in processing order, and leaves every large GEMM to its caller (ATen in
+// the binding, csrc/cuda/lstm_cuda.cpp).
 //
 // T is double, float, __half or __nv_bfloat16. AccT<T> is the type the kernels accumulate in and keep
 // the cell state in: double for double, float otherwise.
