@@ -163,7 +163,8 @@ def assert_matches(name, emu, cpu, ref, dtype):
     e = (emu64 - ref).abs().max().item()
     c = (cpu.double() - ref).abs().max().item()
     bound = 4 * c + torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
-    assert e <= bound, f"{name}: error {e:.3g} against float64, the CPU op's is {c:.3g} (bound {bound:.3g})"
+    assert e <= bound, \
+        f"{name}: error {e:.3g} against float64, the CPU op's is {c:.3g} (bound {bound:.3g})"
 
 
 FORWARD_NAMES = ["output", "h_n", "c_n", "gates", "cells", "hidden"]

@@ -150,7 +150,8 @@ lstm_layer_forward_cuda(const at::Tensor& input, const at::Tensor& h0, const at:
       -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
     at::Tensor c_n = c_state.scalar_type() == dtype ? c_state : c_state.to(dtype);
     if (!training) {
-      return {output, h_n, c_n, at::empty({0}, opts), at::empty({0}, cell_opts), at::empty({0}, opts)};
+      return {output, h_n, c_n, at::empty({0}, opts), at::empty({0}, cell_opts),
+              at::empty({0}, opts)};
     }
     return {output, h_n, c_n, gates.view({T, B, 4 * H}), cells.view({T, B, H}),
             has_proj ? hidden.view({T, B, H}) : at::empty({0}, opts)};

@@ -161,7 +161,9 @@ template <typename T>
 Buf to_acc(const Buf& src) {
   const std::size_t n = src.n / sizeof(T);
   Buf out(n * sizeof(AccT<T>));
-  for (std::size_t i = 0; i < n; ++i) out.as<AccT<T>>()[i] = static_cast<AccT<T>>(to_double(src.as<T>()[i]));
+  for (std::size_t i = 0; i < n; ++i) {
+    out.as<AccT<T>>()[i] = static_cast<AccT<T>>(to_double(src.as<T>()[i]));
+  }
   return out;
 }
 template <typename T>
@@ -206,7 +208,8 @@ void forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& o
   CpuMath<T> math;
   T* h_n = nullptr;
   check(fastlstm::cuda::lstm_layer_forward<T>(s, nb, a, math, nullptr, &h_n), "forward");
-  const int64_t sizes[] = {nb.xg, nb.chunk, nb.h_state, nb.c_state, nb.output, nb.gates, nb.cells, nb.hidden};
+  const int64_t sizes[] = {nb.xg,     nb.chunk, nb.h_state, nb.c_state,
+                           nb.output, nb.gates, nb.cells,   nb.hidden};
   out.put("buffers", sizes, sizeof sizes);
   out.put("output", output.p, output.n);
   out.put("h_n", h_n, s.B * s.P * sizeof(T));

@@ -1,12 +1,12 @@
 """Mutation check for the CUDA emulator: plants known bugs in a copy of csrc/kernels, one at a time,
 builds each copy under the emulator (unoptimised; with AddressSanitizer + UndefinedBehaviorSanitizer
-for the out-of-bounds bugs), and runs the checks of tests/test_emulator.py that should catch it. Exits non-zero if the unmutated
-kernels fail those checks or if any planted bug goes uncaught.
+for the out-of-bounds bugs), and runs the checks of tests/test_emulator.py that should catch it.
+Exits non-zero if the unmutated kernels fail those checks or if any planted bug goes uncaught.
 
     python tests/emu/mutate.py            # all mutants
     python tests/emu/mutate.py NAME ...   # some of them
 
-Run by .ci/run. Each mutant costs one build (~15-30 s on two cores) and a few small cases."""
+Run by .ci/run. Each mutant costs one build and a few small cases (10-35 s each on two busy cores)."""
 from __future__ import annotations
 
 import os

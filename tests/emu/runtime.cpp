@@ -132,10 +132,15 @@ Order order_from_env(const char* name) {
   fail("%s must be forward, reverse or shuffle, got '%s'", name, v);
 }
 
+uint64_t seed_from_env() {
+  const char* v = std::getenv("FASTLSTM_EMU_SEED");
+  return v ? std::strtoull(v, nullptr, 10) : 0;
+}
+
 struct Options {
   Order thread_order = order_from_env("FASTLSTM_EMU_THREAD_ORDER");
   Order block_order = order_from_env("FASTLSTM_EMU_BLOCK_ORDER");
-  std::mt19937_64 rng{std::getenv("FASTLSTM_EMU_SEED") ? std::strtoull(std::getenv("FASTLSTM_EMU_SEED"), nullptr, 10) : 0};
+  std::mt19937_64 rng{seed_from_env()};
   // Blocks a cooperative launch may have resident (an H100's SM count, one block per SM).
   unsigned max_cooperative_blocks = 132;
 };
