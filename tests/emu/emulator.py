@@ -70,9 +70,9 @@ def build(variant: str = "sm80") -> Path:
         tmp = Path(tmp)
         (tmp / "kernels").symlink_to(kdir)
         inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{tmp}"]
-        units = [(EMU / "runtime.cpp", []), (EMU / "driver.cpp", []),
-                 (tmp / "kernels" / "lstm_forward.cu", ["-x", "c++"]),
-                 (tmp / "kernels" / "lstm_backward.cu", ["-x", "c++"])]
+        # Every .cu file: a new kernel file is emulated (and must compile as C++) without a change here.
+        units = [(EMU / "runtime.cpp", []), (EMU / "driver.cpp", [])] + [
+            (tmp / "kernels" / p.name, ["-x", "c++"]) for p in sorted(kdir.glob("*.cu"))]
         procs, objs = [], []
         for i, (src, lang) in enumerate(units):
             obj = tmp / f"{i}.o"
