@@ -41,7 +41,9 @@ def kernels_dir() -> Path:
 
 
 def _sources(kdir: Path):
-    emu = sorted(EMU.glob("*.cpp")) + sorted(EMU.glob("*.h")) + sorted((EMU / "include").glob("*.h"))
+    # This file too: it is the build recipe.
+    emu = (sorted(EMU.glob("*.cpp")) + sorted(EMU.glob("*.h")) + sorted((EMU / "include").glob("*.h"))
+           + [Path(__file__).resolve()])
     kernels = sorted(kdir.glob("*.cu")) + sorted(kdir.glob("*.cuh")) + sorted(kdir.glob("*.h"))
     return emu, kernels
 
