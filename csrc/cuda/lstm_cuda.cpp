@@ -1,12 +1,15 @@
 // CUDA implementation of fastlstm::lstm_layer_forward / lstm_layer_backward (contract in
-// csrc/fastlstm.cpp). This file checks arguments, picks the device, stream and dtype, and does every
-// large GEMM through ATen (cuBLAS); the per-timestep work is in csrc/kernels/ (lstm_kernels.cuh).
+// csrc/fastlstm.cpp). This file checks arguments, picks the device, stream and dtype, allocates what
+// the framework-free layer code (csrc/kernels/lstm_host.h) asks for and does its matrix products
+// through ATen (cuBLAS). The layer code runs the per-timestep kernels (csrc/kernels/lstm_kernels.cuh).
 //
-// Forward: xg = input @ w_ih^T + b_ih + b_hh for all steps in one GEMM, then one launch per step (two
-// with a projection) in processing order. Backward: one launch per step (two with a projection) in
-// reverse processing order produces the gate gradients dG [T, B, 4H]; the gradients of input, w_ih,
-// w_hh, the bias and w_hr are then GEMMs/reductions over all T*B rows. Nothing uses atomics, so the
-// results are bitwise reproducible for a given device and shape.
+// Forward: xg = input @ w_ih^T + b_ih + b_hh for all steps in one GEMM (in chunks of steps for
+// inference), then one launch per step (two with a projection) in processing order. Backward: one
+// launch per step (two with a projection) in reverse processing order produces the gate gradients
+// dG [T, B, 4H]; the gradients of input, w_ih, w_hh, the bias and w_hr are then GEMMs/reductions
+// over all T*B rows. Nothing uses atomics, so the results are bitwise reproducible for a given device
+// and shape. With training=False nothing is saved: gates, cells and hidden are neither allocated nor
+// written.
 //
 // lengths are not range-checked here (that would synchronise with the device and break CUDA-graph
 // capture); the kernels only compare t < lengths[b], so out-of-range values cannot fault: a length
@@ -21,7 +24,7 @@
 #include <climits>
 #include <tuple>
 
-#include "kernels/lstm_kernels.cuh"
+#include "kernels/lstm_host.h"
 #include "lstm_checks.h"
 
 namespace fastlstm {
@@ -50,10 +53,6 @@ typename DeviceType<scalar_t>::type* dev_ptr(const at::Tensor& t) {
 template <typename scalar_t>
 cuda::AccT<typename DeviceType<scalar_t>::type>* acc_ptr(const at::Tensor& t) {
   return t.data_ptr<cuda::AccT<typename DeviceType<scalar_t>::type>>();
-}
-
-at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
 }
 
 // A new contiguous tensor of `options` holding a copy of t (the kernels update their state in place,
@@ -85,22 +84,36 @@ void check_kernel_limits(const LayerSizes& s) {
               ", P = ", s.P);
 }
 
-// Input of the recurrent matmul at each step, in time order: [T, B, P]. For a step whose previous
-// processing step was active for b, that step's output; else (first step, or the first active step
-// of a reverse-direction sequence) h0. Rows of inactive steps are not used (their dG is zero).
-at::Tensor recurrent_inputs(const at::Tensor& output, const at::Tensor& h0, const at::Tensor& len,
-                            bool reverse) {
-  const int64_t T = output.size(0);
-  const at::Tensor h0e = h0.unsqueeze(0);
-  at::Tensor shifted = reverse ? at::cat({output.slice(0, 1, T), h0e})
-                               : at::cat({h0e, output.slice(0, 0, T - 1)});
-  if (!len.defined()) return shifted;
-  const at::Tensor tt = at::arange(T, len.options());
-  const at::Tensor prev_t = reverse ? tt + 1 : tt - 1;                      // [T]
-  const at::Tensor valid = ((prev_t >= 0) & (prev_t < T)).unsqueeze(1);    // [T, 1]
-  const at::Tensor prev_active = valid & (prev_t.unsqueeze(1) < len.unsqueeze(0));  // [T, B]
-  return at::where(prev_active.unsqueeze(2), shifted, h0e);
-}
+// DeviceMath on the current stream through ATen, for one dtype.
+template <typename scalar_t>
+class AtenMath final : public cuda::DeviceMath<typename DeviceType<scalar_t>::type> {
+ public:
+  using Dev = typename DeviceType<scalar_t>::type;
+  explicit AtenMath(const at::TensorOptions& opts) : opts_(opts) {}
+
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Dev* a, const Dev* b,
+            const Dev* bias, Dev* c) override {
+    const at::Tensor at_ = trans_a ? view(a, {K, M}).t() : view(a, {M, K});
+    const at::Tensor bt = trans_b ? view(b, {N, K}).t() : view(b, {K, N});
+    at::Tensor ct = view(c, {M, N});
+    if (bias != nullptr) {
+      at::addmm_out(ct, view(bias, {N}), at_, bt);
+    } else {
+      at::mm_out(ct, at_, bt);
+    }
+  }
+
+  void column_sums(int64_t M, int64_t N, const Dev* a, Dev* out) override {
+    at::Tensor ot = view(out, {N});
+    at::sum_out(ot, view(a, {M, N}), {0});
+  }
+
+ private:
+  at::Tensor view(const Dev* p, at::IntArrayRef sizes) const {
+    return at::from_blob(const_cast<Dev*>(p), sizes, opts_);
+  }
+  at::TensorOptions opts_;
+};
 
 }  // namespace
 
@@ -121,59 +134,75 @@ lstm_layer_forward_cuda(const at::Tensor& input, const at::Tensor& h0, const at:
   const at::ScalarType dtype = input.scalar_type();
   const auto opts = input.options();
   const auto cell_opts = opts.dtype(cell_dtype(dtype));
+  const cuda::LayerShape shape{T, B, I, H, P, has_proj};
+  const cuda::ForwardBuffers nb = cuda::forward_buffers(shape, training);
+  auto maybe = [](int64_t n, const at::TensorOptions& o) {
+    return n > 0 ? at::empty({n}, o) : at::Tensor();
+  };
   at::Tensor output = at::empty({T, B, P}, opts);
-  at::Tensor gates = at::empty({T, B, 4 * H}, opts);
-  at::Tensor cells = at::empty({T, B, H}, cell_opts);
-  at::Tensor hidden = has_proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
-  // Without training nothing is saved (contract in csrc/fastlstm.cpp). The kernels still write the
-  // saved tensors; skipping those writes is left to the GPU-speed work.
-  const auto result = [&](at::Tensor out, at::Tensor h_n, at::Tensor c_n)
+  at::Tensor gates = maybe(nb.gates, opts);
+  at::Tensor cells = maybe(nb.cells, cell_opts);
+  at::Tensor hidden = maybe(nb.hidden, opts);
+  at::Tensor h_state = at::empty({2, B, P}, opts);
+  h_state[0].copy_(h0);
+  at::Tensor c_state = fresh_copy(c0, cell_opts);
+  const auto result = [&](const at::Tensor& h_n)
       -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    at::Tensor c_n = c_state.scalar_type() == dtype ? c_state : c_state.to(dtype);
     if (!training) {
-      return {out, h_n, c_n, at::empty({0}, opts), at::empty({0}, cell_opts), at::empty({0}, opts)};
+      return {output, h_n, c_n, at::empty({0}, opts), at::empty({0}, cell_opts),
+              at::empty({0}, opts)};
     }
-    return {out, h_n, c_n, gates, cells, hidden};
+    return {output, h_n, c_n, gates.view({T, B, 4 * H}), cells.view({T, B, H}),
+            has_proj ? hidden.view({T, B, H}) : at::empty({0}, opts)};
   };
   if (T == 0 || B == 0) {
-    return result(output, fresh_copy(h0, opts), fresh_copy(c0, opts));
+    if (training) {
+      gates = at::empty({T, B, 4 * H}, opts);
+      cells = at::empty({T, B, H}, cell_opts);
+      hidden = has_proj ? at::empty({T, B, H}, opts) : at::Tensor();
+    }
+    return result(h_state[0].clone());
   }
 
   const at::Tensor x = input.contiguous();
   const at::Tensor whh = w_hh.contiguous();
+  const at::Tensor wih = w_ih.contiguous();
   const at::Tensor whr = has_proj ? w_hr->contiguous() : at::Tensor();
   const at::Tensor len = lengths.has_value() && lengths->defined() ? lengths->contiguous()
                                                                    : at::Tensor();
-
-  // Input part of every step's pre-activations, biases folded in: [T, B, 4H].
   at::Tensor bias;
   for (const auto& b : {b_ih, b_hh}) {
     if (b.has_value() && b->defined()) bias = bias.defined() ? bias + *b : *b;
   }
-  const at::Tensor x2 = x.view({T * B, I});
-  const at::Tensor xg = (bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t()))
-                            .contiguous();
-
-  at::Tensor h_state[2] = {fresh_copy(h0, opts), at::empty({B, P}, opts)};
-  at::Tensor c_state = fresh_copy(c0, cell_opts);
+  if (bias.defined()) bias = bias.contiguous();
+  at::Tensor xg = at::empty({nb.xg}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t* len_p = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+  int64_t h_n_index = 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_layer_forward_cuda", [&] {
     using Dev = typename DeviceType<scalar_t>::type;
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = reverse ? T - 1 - step : step;
-      C10_CUDA_CHECK(cuda::lstm_forward_step<Dev>(
-          static_cast<int>(B), static_cast<int>(H), static_cast<int>(P), dev_ptr<scalar_t>(whh),
-          dev_ptr<scalar_t>(whr), dev_ptr<scalar_t>(xg) + t * B * 4 * H, len_p, t,
-          dev_ptr<scalar_t>(h_state[step % 2]), dev_ptr<scalar_t>(h_state[(step + 1) % 2]),
-          acc_ptr<scalar_t>(c_state), dev_ptr<scalar_t>(output) + t * B * P,
-          dev_ptr<scalar_t>(gates) + t * B * 4 * H, acc_ptr<scalar_t>(cells) + t * B * H,
-          has_proj ? dev_ptr<scalar_t>(hidden) + t * B * H : nullptr, stream));
-    }
+    cuda::ForwardArgs<Dev> a{};
+    a.x = dev_ptr<scalar_t>(x);
+    a.w_ih = dev_ptr<scalar_t>(wih);
+    a.bias = dev_ptr<scalar_t>(bias);
+    a.w_hh = dev_ptr<scalar_t>(whh);
+    a.w_hr = dev_ptr<scalar_t>(whr);
+    a.lengths = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+    a.reverse = reverse;
+    a.xg = dev_ptr<scalar_t>(xg);
+    a.h_state = dev_ptr<scalar_t>(h_state);
+    a.c_state = acc_ptr<scalar_t>(c_state);
+    a.output = dev_ptr<scalar_t>(output);
+    a.gates = dev_ptr<scalar_t>(gates);
+    a.cells = cells.defined() ? acc_ptr<scalar_t>(cells) : nullptr;
+    a.hidden = dev_ptr<scalar_t>(hidden);
+    AtenMath<scalar_t> math(opts);
+    Dev* h_n = nullptr;
+    C10_CUDA_CHECK(cuda::lstm_layer_forward<Dev>(shape, nb, a, math, stream, &h_n));
+    h_n_index = h_n == a.h_state ? 0 : 1;
   });
-
-  at::Tensor c_n = c_state.scalar_type() == dtype ? c_state : c_state.to(dtype);
-  return result(output, h_state[T % 2], c_n);
+  return result(h_state[h_n_index].clone());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -209,59 +238,65 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h
   }
 
   const at::Tensor x = input.contiguous();
+  const at::Tensor h0c = h0.contiguous();
+  const at::Tensor wih = w_ih.contiguous();
   const at::Tensor whh = w_hh.contiguous();
   const at::Tensor whr = has_proj ? w_hr->contiguous() : at::Tensor();
   const at::Tensor len = lengths.has_value() && lengths->defined() ? lengths->contiguous()
                                                                    : at::Tensor();
   const at::Tensor go = grad_output.contiguous();
+  const at::Tensor out = output.contiguous();
   const at::Tensor gts = gates.contiguous();
   const at::Tensor cls = cells.contiguous();
+  const at::Tensor hid = has_proj ? hidden.contiguous() : at::Tensor();
 
-  at::Tensor dG = at::empty({T, B, 4 * H}, opts);
-  at::Tensor dh_all = has_proj ? at::empty({T, B, P}, opts) : at::Tensor();
+  const cuda::LayerShape shape{T, B, I, H, P, has_proj};
+  const cuda::BackwardBuffers nb = cuda::backward_buffers(shape);
+  at::Tensor dG = at::empty({nb.dG}, opts);
+  at::Tensor dh_all = has_proj ? at::empty({nb.dh_all}, opts) : at::Tensor();
+  at::Tensor h_prev = at::empty({nb.h_prev}, opts);
   at::Tensor dh_state = fresh_copy(grad_h_n, cell_opts);
   at::Tensor dc_state = fresh_copy(grad_c_n, cell_opts);
   const at::Tensor c0_cell = fresh_copy(c0, cell_opts);
+  at::Tensor grad_input = at::empty({T, B, I}, opts);
   at::Tensor grad_h0 = at::empty({B, P}, opts);
+  at::Tensor grad_w_ih = at::empty({4 * H, I}, opts);
+  at::Tensor grad_w_hh = at::empty({4 * H, P}, opts);
+  at::Tensor grad_bias = at::empty({4 * H}, opts);
+  at::Tensor grad_w_hr = has_proj ? at::empty({P, H}, opts) : at::empty({0}, opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t* len_p = len.defined() ? len.data_ptr<int64_t>() : nullptr;
-  auto time_of = [&](int64_t step) { return reverse ? T - 1 - step : step; };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lstm_layer_backward_cuda", [&] {
     using Dev = typename DeviceType<scalar_t>::type;
-    Dev* dG_p = dev_ptr<scalar_t>(dG);
-    // k: processing index of the step, from the last to the first; k == -1 is the final call,
-    // which writes grad_h0.
-    for (int64_t k = T - 1; k >= -1; --k) {
-      const bool final_call = k < 0;
-      const int64_t t = final_call ? -1 : time_of(k);
-      const int64_t next_t = k + 1 < T ? time_of(k + 1) : -1;
-      const cuda::AccT<Dev>* c_prev = final_call ? nullptr
-                                      : k > 0    ? acc_ptr<scalar_t>(cls) + time_of(k - 1) * B * H
-                                                 : acc_ptr<scalar_t>(c0_cell);
-      C10_CUDA_CHECK(cuda::lstm_backward_step<Dev>(
-          static_cast<int>(B), static_cast<int>(H), static_cast<int>(P), dev_ptr<scalar_t>(whh),
-          dev_ptr<scalar_t>(whr), len_p, t, next_t,
-          next_t >= 0 ? dG_p + next_t * B * 4 * H : nullptr,
-          final_call ? nullptr : dev_ptr<scalar_t>(go) + t * B * P,
-          final_call ? nullptr : dev_ptr<scalar_t>(gts) + t * B * 4 * H,
-          final_call ? nullptr : acc_ptr<scalar_t>(cls) + t * B * H, c_prev,
-          acc_ptr<scalar_t>(dh_state), acc_ptr<scalar_t>(dc_state),
-          final_call ? nullptr : dG_p + t * B * 4 * H,
-          (final_call || !has_proj) ? nullptr : dev_ptr<scalar_t>(dh_all) + t * B * P,
-          dev_ptr<scalar_t>(grad_h0), stream));
-    }
+    cuda::BackwardArgs<Dev> a{};
+    a.grad_output = dev_ptr<scalar_t>(go);
+    a.x = dev_ptr<scalar_t>(x);
+    a.h0 = dev_ptr<scalar_t>(h0c);
+    a.c0 = acc_ptr<scalar_t>(c0_cell);
+    a.w_ih = dev_ptr<scalar_t>(wih);
+    a.w_hh = dev_ptr<scalar_t>(whh);
+    a.w_hr = dev_ptr<scalar_t>(whr);
+    a.lengths = len.defined() ? len.data_ptr<int64_t>() : nullptr;
+    a.reverse = reverse;
+    a.output = dev_ptr<scalar_t>(out);
+    a.gates = dev_ptr<scalar_t>(gts);
+    a.cells = acc_ptr<scalar_t>(cls);
+    a.hidden = dev_ptr<scalar_t>(hid);
+    a.dh_state = acc_ptr<scalar_t>(dh_state);
+    a.dc_state = acc_ptr<scalar_t>(dc_state);
+    a.dG = dev_ptr<scalar_t>(dG);
+    a.dh_all = dev_ptr<scalar_t>(dh_all);
+    a.h_prev = dev_ptr<scalar_t>(h_prev);
+    a.grad_input = dev_ptr<scalar_t>(grad_input);
+    a.grad_h0 = dev_ptr<scalar_t>(grad_h0);
+    a.grad_w_ih = dev_ptr<scalar_t>(grad_w_ih);
+    a.grad_w_hh = dev_ptr<scalar_t>(grad_w_hh);
+    a.grad_bias = dev_ptr<scalar_t>(grad_bias);
+    a.grad_w_hr = has_proj ? dev_ptr<scalar_t>(grad_w_hr) : nullptr;
+    AtenMath<scalar_t> math(opts);
+    C10_CUDA_CHECK(cuda::lstm_layer_backward<Dev>(shape, a, math, stream));
   });
 
-  const at::Tensor dG2 = dG.view({T * B, 4 * H});
-  at::Tensor grad_input = at::mm(dG2, w_ih).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(dG2.t(), x.view({T * B, I}));
-  const at::Tensor h_prev = recurrent_inputs(output, h0, len, reverse);
-  at::Tensor grad_w_hh = at::mm(dG2.t(), h_prev.reshape({T * B, P}));
-  at::Tensor grad_bias = dG2.sum(0);
-  at::Tensor grad_w_hr =
-      has_proj ? at::mm(dh_all.view({T * B, P}).t(), hidden.contiguous().view({T * B, H}))
-               : at::empty({0}, opts);
   at::Tensor grad_c0 = dc_state.scalar_type() == dtype ? dc_state : dc_state.to(dtype);
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr};
 }

@@ -2,6 +2,8 @@
 #include "lstm_device.cuh"
 #include "lstm_launch.cuh"
 
+#include <algorithm>
+
 namespace fastlstm {
 namespace cuda {
 namespace {
@@ -155,21 +157,38 @@ cudaError_t backward_step(int B, int H, int P, const T* w_hh, const T* w_hr, con
   const bool vec_dG = vec_ok(dG_next, 4 * static_cast<int64_t>(H));
   const dim3 grid(blocks_for(B, kBB), blocks_for(H, kTileN));
   if (w_hr == nullptr) {
-    lstm_backward_cell_kernel<T, kBB, kHasLengths, false><<<grid, kThreads, 0, stream>>>(
-        B, H, P, w_hh, nullptr, lengths, t, next_t, dG_next, grad_output_t, gates_t, cells_t, c_prev,
-        dh_state, dc_state, dG_t, nullptr, grad_h0, vec_dG, vec_ok(w_hh, P));
-    return cudaGetLastError();
+    return launch(lstm_backward_cell_kernel<T, kBB, kHasLengths, false>, grid, stream, B, H, P,
+                  w_hh, nullptr, lengths, t, next_t, dG_next, grad_output_t, gates_t, cells_t,
+                  c_prev, dh_state, dc_state, dG_t, nullptr, grad_h0, vec_dG, vec_ok(w_hh, P));
   }
   const dim3 rgrid(blocks_for(B, kBB), blocks_for(P, kTileN));
-  lstm_backward_recurrent_kernel<T, kBB, kHasLengths><<<rgrid, kThreads, 0, stream>>>(
-      B, H, P, w_hh, lengths, t, next_t, dG_next, grad_output_t, dh_state, dh_all_t, grad_h0, vec_dG,
-      vec_ok(w_hh, P));
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      launch(lstm_backward_recurrent_kernel<T, kBB, kHasLengths>, rgrid, stream, B, H, P, w_hh,
+             lengths, t, next_t, dG_next, grad_output_t, dh_state, dh_all_t, grad_h0, vec_dG,
+             vec_ok(w_hh, P));
   if (err != cudaSuccess || t < 0) return err;
-  lstm_backward_cell_kernel<T, kBB, kHasLengths, true><<<grid, kThreads, 0, stream>>>(
-      B, H, P, w_hh, w_hr, lengths, t, next_t, nullptr, grad_output_t, gates_t, cells_t, c_prev,
-      dh_state, dc_state, dG_t, dh_all_t, nullptr, vec_ok(dh_all_t, P), vec_ok(w_hr, H));
-  return cudaGetLastError();
+  return launch(lstm_backward_cell_kernel<T, kBB, kHasLengths, true>, grid, stream, B, H, P, w_hh,
+                w_hr, lengths, t, next_t, nullptr, grad_output_t, gates_t, cells_t, c_prev,
+                dh_state, dc_state, dG_t, dh_all_t, nullptr, vec_ok(dh_all_t, P), vec_ok(w_hr, H));
+}
+
+// h_prev[t, b] = output[prev_t, b] where the step processed before t (prev_t) exists and was active
+// for b, else h0[b]. One thread per element, grid-stride.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_recurrent_inputs_kernel(int64_t T_, int B, int P, const T* __restrict__ output,
+                                 const T* __restrict__ h0, const int64_t* __restrict__ lengths,
+                                 bool reverse, T* __restrict__ h_prev) {
+  const int64_t BP = static_cast<int64_t>(B) * P;
+  const int64_t n = T_ * BP;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = i / BP, bp = i % BP;
+    const int64_t prev_t = reverse ? t + 1 : t - 1;
+    const bool prev_active =
+        prev_t >= 0 && prev_t < T_ && (lengths == nullptr || prev_t < lengths[bp / P]);
+    h_prev[i] = prev_active ? output[prev_t * BP + bp] : h0[bp];
+  }
 }
 
 }  // namespace
@@ -188,11 +207,25 @@ cudaError_t lstm_backward_step(int B, int H, int P, const T* w_hh, const T* w_hr
   });
 }
 
+template <typename T>
+cudaError_t lstm_recurrent_inputs(int64_t T_, int B, int P, const T* output, const T* h0,
+                                  const int64_t* lengths, bool reverse, T* h_prev,
+                                  cudaStream_t stream) {
+  const int64_t n = T_ * B * P;
+  if (n == 0) return cudaSuccess;
+  // Enough blocks to fill a GPU; the grid-stride loop does the rest.
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+  return launch(lstm_recurrent_inputs_kernel<T>, dim3(blocks), stream, T_, B, P, output, h0, lengths,
+                reverse, h_prev);
+}
+
 #define FASTLSTM_INSTANTIATE_BACKWARD(T)                                                          \
   template cudaError_t lstm_backward_step<T>(int, int, int, const T*, const T*, const int64_t*,   \
                                              int64_t, int64_t, const T*, const T*, const T*,      \
                                              const AccT<T>*, const AccT<T>*, AccT<T>*, AccT<T>*,  \
-                                             T*, T*, T*, cudaStream_t);
+                                             T*, T*, T*, cudaStream_t);                           \
+  template cudaError_t lstm_recurrent_inputs<T>(int64_t, int, int, const T*, const T*,            \
+                                                const int64_t*, bool, T*, cudaStream_t);
 FASTLSTM_INSTANTIATE_BACKWARD(double)
 FASTLSTM_INSTANTIATE_BACKWARD(float)
 FASTLSTM_INSTANTIATE_BACKWARD(__half)

@@ -12,6 +12,17 @@ namespace fastlstm {
 namespace cuda {
 namespace detail {
 
+// A block's static __shared__ array, 16-byte aligned: `FASTLSTM_SHARED(float, x, [4][8]);` declares
+// `x` as float[4][8]. The emulator (tests/emu) gives each block its own heap arena instead, so that
+// out-of-bounds shared accesses are visible to AddressSanitizer.
+#if defined(FASTLSTM_EMULATION)
+#define FASTLSTM_SHARED(type, name, dims) \
+  typedef type name##_array_type dims;     \
+  auto& name = *::fastlstm_emu::shared_array<name##_array_type>()
+#else
+#define FASTLSTM_SHARED(type, name, dims) __shared__ __align__(16) type name dims
+#endif
+
 // Every kernel runs 128 threads and owns kTileN output columns (hidden or state units) of each of its
 // kG column groups (the four gates in the forward) for kBB batch rows.
 constexpr int kThreads = 128;
@@ -80,12 +91,16 @@ __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x
 __device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x) { return tanh(x); }
 
+// The emulator (tests/emu) stands in for the tensor-core instruction with a warp collective that
+// computes the same fragments on the CPU.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FASTLSTM_EMULATION)
+  ::fastlstm_emu::mma_m16n8k16<__half>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -96,7 +111,9 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FASTLSTM_EMULATION)
+  ::fastlstm_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -147,9 +164,9 @@ __device__ __forceinline__ bool block_matmul(const T* __restrict__ a, const T* _
   constexpr bool kMma = UsesMma<T>::value;
   static_assert(kMma ? (kBK / 16) % kSplit == 0 : kBK % kSplit == 0, "K tile too small for the split");
 
-  __shared__ __align__(16) T a_s[kBB][kLd];
-  __shared__ __align__(16) T w_s[kRows][kLd];
-  __shared__ Acc red[kSplit > 1 ? (kSplit - 1) * kG * 4 : 1][kSliceThreads];
+  FASTLSTM_SHARED(T, a_s, [kBB][kLd]);
+  FASTLSTM_SHARED(T, w_s, [kRows][kLd]);
+  FASTLSTM_SHARED(Acc, red, [kSplit > 1 ? (kSplit - 1) * kG * 4 : 1][kSliceThreads]);
 
   const int tid = threadIdx.x;
   const int slice = tid / kSliceThreads;

@@ -9,8 +9,9 @@ namespace {
 using namespace detail;
 
 // Recurrent matmul for the four gates of the block's hidden units, then the cell update in registers.
+// Without kTraining, gates and cells are not written (they may be nullptr).
 // Grid: (ceil(B / kBB), ceil(H / kTileN)).
-template <typename T, int kBB, bool kHasLengths, bool kHasProj>
+template <typename T, int kBB, bool kHasLengths, bool kHasProj, bool kTraining>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     lstm_forward_cell_kernel(int B, int H, int P, const T* __restrict__ w_hh,
                              const T* __restrict__ xg, const int64_t* __restrict__ lengths,
@@ -48,11 +49,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const Acc cn = f * c_state[bj] + i * g;
         const Acc hn = o * tanh_(cn);
         c_state[bj] = cn;
-        cells[bj] = cn;
-        gates[bg] = from_acc<T>(i);
-        gates[bg + H] = from_acc<T>(f);
-        gates[bg + 2 * H] = from_acc<T>(g);
-        gates[bg + 3 * H] = from_acc<T>(o);
+        if constexpr (kTraining) {
+          cells[bj] = cn;
+          gates[bg] = from_acc<T>(i);
+          gates[bg + H] = from_acc<T>(f);
+          gates[bg + 2 * H] = from_acc<T>(g);
+          gates[bg + 3 * H] = from_acc<T>(o);
+        }
         if constexpr (kHasProj) {
           hidden[bj] = from_acc<T>(hn);
         } else {
@@ -61,11 +64,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           h_next[bp] = h;
         }
       } else {
-        cells[bj] = c_state[bj];
-        gates[bg] = tzero;
-        gates[bg + H] = tzero;
-        gates[bg + 2 * H] = tzero;
-        gates[bg + 3 * H] = tzero;
+        if constexpr (kTraining) {
+          cells[bj] = c_state[bj];
+          gates[bg] = tzero;
+          gates[bg + H] = tzero;
+          gates[bg + 2 * H] = tzero;
+          gates[bg + 3 * H] = tzero;
+        }
         if constexpr (kHasProj) {
           hidden[bj] = tzero;
         } else {
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-template <typename T, int kBB, bool kHasLengths>
+template <typename T, int kBB, bool kHasLengths, bool kTraining>
 cudaError_t forward_step(int B, int H, int P, const T* w_hh, const T* w_hr, const T* xg_t,
                          const int64_t* lengths, int64_t t, const T* h_prev, T* h_next,
                          AccT<T>* c_state, T* output_t, T* gates_t, AccT<T>* cells_t, T* hidden_t,
@@ -124,21 +129,19 @@ cudaError_t forward_step(int B, int H, int P, const T* w_hh, const T* w_hr, cons
   const bool vec_a = vec_ok(h_prev, P);
   const bool vec_w = vec_ok(w_hh, P);
   if (w_hr == nullptr) {
-    lstm_forward_cell_kernel<T, kBB, kHasLengths, false><<<grid, kThreads, 0, stream>>>(
-        B, H, P, w_hh, xg_t, lengths, t, h_prev, h_next, c_state, output_t, gates_t, cells_t,
-        nullptr, vec_a, vec_w);
-    return cudaGetLastError();
+    return launch(lstm_forward_cell_kernel<T, kBB, kHasLengths, false, kTraining>, grid, stream, B,
+                  H, P, w_hh, xg_t, lengths, t, h_prev, h_next, c_state, output_t, gates_t, cells_t,
+                  nullptr, vec_a, vec_w);
   }
-  lstm_forward_cell_kernel<T, kBB, kHasLengths, true><<<grid, kThreads, 0, stream>>>(
-      B, H, P, w_hh, xg_t, lengths, t, h_prev, nullptr, c_state, nullptr, gates_t, cells_t,
-      hidden_t, vec_a, vec_w);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      launch(lstm_forward_cell_kernel<T, kBB, kHasLengths, true, kTraining>, grid, stream, B, H, P,
+             w_hh, xg_t, lengths, t, h_prev, nullptr, c_state, nullptr, gates_t, cells_t, hidden_t,
+             vec_a, vec_w);
   if (err != cudaSuccess) return err;
   const dim3 pgrid(blocks_for(B, kBB), blocks_for(P, kTileN));
-  lstm_forward_projection_kernel<T, kBB, kHasLengths><<<pgrid, kThreads, 0, stream>>>(
-      B, H, P, w_hr, lengths, t, hidden_t, h_prev, h_next, output_t, vec_ok(hidden_t, H),
-      vec_ok(w_hr, H));
-  return cudaGetLastError();
+  return launch(lstm_forward_projection_kernel<T, kBB, kHasLengths>, pgrid, stream, B, H, P, w_hr,
+                lengths, t, hidden_t, h_prev, h_next, output_t, vec_ok(hidden_t, H),
+                vec_ok(w_hr, H));
 }
 
 }  // namespace
@@ -149,10 +152,18 @@ cudaError_t lstm_forward_step(int B, int H, int P, const T* w_hh, const T* w_hr,
                               AccT<T>* c_state, T* output_t, T* gates_t, AccT<T>* cells_t,
                               T* hidden_t, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
+  if ((gates_t == nullptr) != (cells_t == nullptr)) return cudaErrorInvalidValue;
   return with_config(B, H, lengths != nullptr, [&](auto bb, auto has_lengths) {
-    return forward_step<T, decltype(bb)::value, decltype(has_lengths)::value>(
-        B, H, P, w_hh, w_hr, xg_t, lengths, t, h_prev, h_next, c_state, output_t, gates_t, cells_t,
-        hidden_t, stream);
+    constexpr int kBB = decltype(bb)::value;
+    constexpr bool kHasLengths = decltype(has_lengths)::value;
+    if (gates_t == nullptr) {
+      return forward_step<T, kBB, kHasLengths, false>(B, H, P, w_hh, w_hr, xg_t, lengths, t, h_prev,
+                                                      h_next, c_state, output_t, nullptr, nullptr,
+                                                      hidden_t, stream);
+    }
+    return forward_step<T, kBB, kHasLengths, true>(B, H, P, w_hh, w_hr, xg_t, lengths, t, h_prev,
+                                                   h_next, c_state, output_t, gates_t, cells_t,
+                                                   hidden_t, stream);
   });
 }
 

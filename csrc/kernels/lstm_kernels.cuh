@@ -1,7 +1,7 @@
 // Host-facing launchers of the CUDA LSTM kernels. Framework-free: raw device pointers, sizes and a
-// stream in, a cudaError_t out (the launch's cudaGetLastError()). The binding
-// (csrc/cuda/lstm_cuda.cpp) does everything that is a large GEMM through ATen and calls these once per
-// timestep, in processing order.
+// stream in, a cudaError_t out (the launch's cudaGetLastError()). The layer code (lstm_host.h) calls
+// these once per timestep, in processing order, and leaves every large GEMM to its caller (ATen in
+// the binding, csrc/cuda/lstm_cuda.cpp).
 //
 // T is double, float, __half or __nv_bfloat16. AccT<T> is the type the kernels accumulate in and keep
 // the cell state in: double for double, float otherwise.
@@ -46,10 +46,11 @@ using AccT = typename AccType<T>::type;
 //   h_next:    [B, P] h state after the step; must not alias h_prev (other blocks still read it)
 //   c_state:   [B, H] c state, read and updated in place
 //   output_t:  [B, P] out: h_t, zero where inactive
-//   gates_t:   [B, 4H] out: post-activation i, f, g, o, zero where inactive
-//   cells_t:   [B, H] out: c_t, the carried c where inactive
-//   hidden_t:  [B, H] out with w_hr: o * tanh(c_t) before the projection, zero where inactive;
-//              nullptr without w_hr
+//   gates_t:   [B, 4H] out: post-activation i, f, g, o, zero where inactive; nullptr for inference
+//              (then nothing is saved: cells_t must be nullptr too)
+//   cells_t:   [B, H] out: c_t, the carried c where inactive; nullptr for inference
+//   hidden_t:  [B, H] out with w_hr: o * tanh(c_t) before the projection, zero where inactive
+//              (for inference a scratch buffer, reused by every step); nullptr without w_hr
 template <typename T>
 cudaError_t lstm_forward_step(int B, int H, int P, const T* w_hh, const T* w_hr, const T* xg_t,
                               const int64_t* lengths, int64_t t, const T* h_prev, T* h_next,
@@ -87,6 +88,20 @@ cudaError_t lstm_backward_step(int B, int H, int P, const T* w_hh, const T* w_hr
                                const T* grad_output_t, const T* gates_t, const AccT<T>* cells_t,
                                const AccT<T>* c_prev, AccT<T>* dh_state, AccT<T>* dc_state, T* dG_t,
                                T* dh_all_t, T* grad_h0, cudaStream_t stream);
+
+// The input of the recurrent matmul at every step, for grad_w_hh = dG^T @ h_prev:
+//   T_, B, P:  steps, batch, state size
+//   output:    [T_, B, P] the forward's output
+//   h0:        [B, P]
+//   lengths:   [B] int64 or nullptr, as for lstm_forward_step
+//   reverse:   the direction the forward ran in
+//   h_prev:    [T_, B, P] out: output[prev_t, b] where the step processed just before t exists and
+//              was active for b, else h0[b] (the first active step of a reverse-direction sequence
+//              starts from h0; rows of inactive steps are h0 too, their dG being zero)
+template <typename T>
+cudaError_t lstm_recurrent_inputs(int64_t T_, int B, int P, const T* output, const T* h0,
+                                  const int64_t* lengths, bool reverse, T* h_prev,
+                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastlstm

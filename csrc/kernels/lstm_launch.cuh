@@ -1,5 +1,5 @@
-// Host-side helpers of the launchers: grid sizes, the 16-byte load check, and the choice of the batch
-// tile (a compile-time kernel parameter) from the run-time sizes.
+// Host-side helpers of the launchers: the one kernel launch, grid sizes, the 16-byte load check, and
+// the choice of the batch tile (a compile-time kernel parameter) from the run-time sizes.
 #pragma once
 
 #include <type_traits>
@@ -9,6 +9,19 @@
 namespace fastlstm {
 namespace cuda {
 namespace detail {
+
+// Every kernel is launched here, with kThreads threads and only static shared memory. Compiled as
+// host C++ for the emulator (tests/emu), the same call runs the kernel on CPU fibers instead.
+template <typename... Params, typename... Args>
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, Args... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
+#if defined(FASTLSTM_EMULATION)
+  return ::fastlstm_emu::launch(kernel, grid, dim3(kThreads), stream, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<Params>(args)...);
+  return cudaGetLastError();
+#endif
+}
 
 inline unsigned blocks_for(int n, int tile) { return static_cast<unsigned>((n + tile - 1) / tile); }
 

@@ -1,0 +1,376 @@
+// Runs the CUDA layer code (csrc/kernels/lstm_host.h and the kernels it launches) under the emulator
+// on tensors written by tests/test_emulator.py, and writes the results back.
+//
+//   driver forward IN OUT     IN holds sizes [T, B, I, H, P], flags [reverse, training, dtype,
+//                             max_xg_elements], x, h0, c0, w_ih, w_hh, optional bias (b_ih + b_hh),
+//                             w_hr, lengths; OUT gets output, h_n, c_n (+ gates, cells, hidden when
+//                             training) and buffers: the element counts forward_buffers asked for
+//                             (xg, chunk, h_state, c_state, output, gates, cells, hidden)
+//   driver backward IN OUT    IN adds grad_output, grad_h_n, grad_c_n, output, gates, cells, hidden;
+//                             OUT gets grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
+//                             grad_bias, grad_w_hr
+//   driver selftest           checks the emulator itself (grid barrier, shuffles, launch limits)
+//
+// File format: records of name '\0', uint64 byte count, bytes. Every buffer the layer code uses is
+// a separate allocation of exactly its size, filled with NaN bytes where the code must write it
+// before reading, so that AddressSanitizer sees overruns and unwritten reads show up as NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/lstm_host.h"
+
+namespace {
+
+using fastlstm::cuda::AccT;
+
+[[noreturn]] void die(const std::string& msg) {
+  std::fprintf(stderr, "driver: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+// An exact-size heap buffer.
+struct Buf {
+  void* p = nullptr;
+  std::size_t n = 0;
+  Buf() = default;
+  explicit Buf(std::size_t bytes, int fill = 0xff) : n(bytes) {
+    p = bytes ? std::malloc(bytes) : nullptr;
+    if (bytes && !p) die("out of memory");
+    if (bytes) std::memset(p, fill, bytes);
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
+  Buf& operator=(Buf&& o) noexcept {
+    std::swap(p, o.p);
+    std::swap(n, o.n);
+    return *this;
+  }
+  ~Buf() { std::free(p); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p);
+  }
+};
+
+std::map<std::string, Buf> read_file(const char* path) {
+  std::FILE* f = std::fopen(path, "rb");
+  if (!f) die(std::string("cannot open ") + path);
+  std::map<std::string, Buf> out;
+  for (;;) {
+    std::string name;
+    int c;
+    while ((c = std::fgetc(f)) > 0) name.push_back(static_cast<char>(c));
+    if (c == EOF) break;
+    uint64_t n;
+    if (std::fread(&n, 8, 1, f) != 1) die("truncated input");
+    Buf b(n);
+    if (n && std::fread(b.p, 1, n, f) != n) die("truncated input");
+    out[name] = std::move(b);
+  }
+  std::fclose(f);
+  return out;
+}
+
+struct Writer {
+  std::FILE* f;
+  explicit Writer(const char* path) : f(std::fopen(path, "wb")) {
+    if (!f) die(std::string("cannot write ") + path);
+  }
+  ~Writer() { std::fclose(f); }
+  void put(const char* name, const void* p, std::size_t n) {
+    std::fwrite(name, 1, std::strlen(name) + 1, f);
+    const uint64_t n64 = n;
+    std::fwrite(&n64, 8, 1, f);
+    if (n) std::fwrite(p, 1, n, f);
+  }
+};
+
+template <typename T>
+double to_double(T x) {
+  return static_cast<double>(x);
+}
+template <>
+double to_double(__half x) {
+  return __half2float(x);
+}
+template <>
+double to_double(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+T from_double(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_double(double x) {
+  return __float2half_rn(static_cast<float>(x));
+}
+template <>
+__nv_bfloat16 from_double(double x) {
+  return __float2bfloat16_rn(static_cast<float>(x));
+}
+
+// The GEMMs on the CPU, summed in double.
+template <typename T>
+class CpuMath final : public fastlstm::cuda::DeviceMath<T> {
+ public:
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* a, const T* b,
+            const T* bias, T* c) override {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        double s = bias ? to_double(bias[n]) : 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double av = to_double(trans_a ? a[k * M + m] : a[m * K + k]);
+          const double bv = to_double(trans_b ? b[n * K + k] : b[k * N + n]);
+          s += av * bv;
+        }
+        c[m * N + n] = from_double<T>(s);
+      }
+    }
+  }
+  void column_sums(int64_t M, int64_t N, const T* a, T* out) override {
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t m = 0; m < M; ++m) s += to_double(a[m * N + n]);
+      out[n] = from_double<T>(s);
+    }
+  }
+};
+
+struct Input {
+  std::map<std::string, Buf> m;
+  const Buf& need(const std::string& name) const {
+    auto it = m.find(name);
+    if (it == m.end()) die("missing input " + name);
+    return it->second;
+  }
+  template <typename T>
+  const T* ptr(const std::string& name) const {
+    auto it = m.find(name);
+    return it == m.end() ? nullptr : it->second.as<T>();
+  }
+};
+
+// A copy of a T buffer in the cell type (exact size).
+template <typename T>
+Buf to_acc(const Buf& src) {
+  const std::size_t n = src.n / sizeof(T);
+  Buf out(n * sizeof(AccT<T>));
+  for (std::size_t i = 0; i < n; ++i) {
+    out.as<AccT<T>>()[i] = static_cast<AccT<T>>(to_double(src.as<T>()[i]));
+  }
+  return out;
+}
+template <typename T>
+std::vector<T> from_acc(const AccT<T>* p, std::size_t n) {
+  std::vector<T> out(n);
+  for (std::size_t i = 0; i < n; ++i) out[i] = from_double<T>(p[i]);
+  return out;
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) die(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+template <typename T>
+void forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& out) {
+  using Acc = AccT<T>;
+  const fastlstm::cuda::LayerShape s{sz[0], sz[1], sz[2], sz[3], sz[4], in.m.count("w_hr") > 0};
+  const bool training = flags[1] != 0;
+  const fastlstm::cuda::ForwardBuffers nb =
+      flags[3] > 0 ? fastlstm::cuda::forward_buffers(s, training, flags[3])
+                   : fastlstm::cuda::forward_buffers(s, training);
+  Buf xg(nb.xg * sizeof(T)), h_state(nb.h_state * sizeof(T)), output(nb.output * sizeof(T));
+  Buf gates(nb.gates * sizeof(T)), cells(nb.cells * sizeof(Acc)), hidden(nb.hidden * sizeof(T));
+  std::memcpy(h_state.p, in.need("h0").p, s.B * s.P * sizeof(T));
+  Buf c_state = to_acc<T>(in.need("c0"));
+  if (c_state.n != static_cast<std::size_t>(nb.c_state) * sizeof(Acc)) die("c0 has the wrong size");
+  fastlstm::cuda::ForwardArgs<T> a{};
+  a.x = in.ptr<T>("x");
+  a.w_ih = in.ptr<T>("w_ih");
+  a.bias = in.ptr<T>("bias");
+  a.w_hh = in.ptr<T>("w_hh");
+  a.w_hr = in.ptr<T>("w_hr");
+  a.lengths = in.ptr<int64_t>("lengths");
+  a.reverse = flags[0] != 0;
+  a.xg = xg.as<T>();
+  a.h_state = h_state.as<T>();
+  a.c_state = c_state.as<Acc>();
+  a.output = output.as<T>();
+  a.gates = gates.as<T>();
+  a.cells = cells.as<Acc>();
+  a.hidden = hidden.as<T>();
+  CpuMath<T> math;
+  T* h_n = nullptr;
+  check(fastlstm::cuda::lstm_layer_forward<T>(s, nb, a, math, nullptr, &h_n), "forward");
+  const int64_t sizes[] = {nb.xg,     nb.chunk, nb.h_state, nb.c_state,
+                           nb.output, nb.gates, nb.cells,   nb.hidden};
+  out.put("buffers", sizes, sizeof sizes);
+  out.put("output", output.p, output.n);
+  out.put("h_n", h_n, s.B * s.P * sizeof(T));
+  const std::vector<T> c_n = from_acc<T>(c_state.as<Acc>(), s.B * s.H);
+  out.put("c_n", c_n.data(), c_n.size() * sizeof(T));
+  if (training) {
+    out.put("gates", gates.p, gates.n);
+    out.put("cells", cells.p, cells.n);
+    if (s.has_proj) out.put("hidden", hidden.p, hidden.n);
+  }
+}
+
+template <typename T>
+void backward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& out) {
+  using Acc = AccT<T>;
+  const fastlstm::cuda::LayerShape s{sz[0], sz[1], sz[2], sz[3], sz[4], in.m.count("w_hr") > 0};
+  const fastlstm::cuda::BackwardBuffers nb = fastlstm::cuda::backward_buffers(s);
+  Buf dG(nb.dG * sizeof(T)), dh_all(nb.dh_all * sizeof(T)), h_prev(nb.h_prev * sizeof(T));
+  Buf dh_state = to_acc<T>(in.need("grad_h_n")), dc_state = to_acc<T>(in.need("grad_c_n"));
+  const Buf c0 = to_acc<T>(in.need("c0"));
+  const int64_t T_ = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  Buf grad_input(T_ * B * I * sizeof(T)), grad_h0(B * P * sizeof(T)), grad_w_ih(4 * H * I * sizeof(T));
+  Buf grad_w_hh(4 * H * P * sizeof(T)), grad_bias(4 * H * sizeof(T));
+  Buf grad_w_hr(s.has_proj ? P * H * sizeof(T) : 0);
+  fastlstm::cuda::BackwardArgs<T> a{};
+  a.grad_output = in.ptr<T>("grad_output");
+  a.x = in.ptr<T>("x");
+  a.h0 = in.ptr<T>("h0");
+  a.c0 = c0.as<Acc>();
+  a.w_ih = in.ptr<T>("w_ih");
+  a.w_hh = in.ptr<T>("w_hh");
+  a.w_hr = in.ptr<T>("w_hr");
+  a.lengths = in.ptr<int64_t>("lengths");
+  a.reverse = flags[0] != 0;
+  a.output = in.ptr<T>("output");
+  a.gates = in.ptr<T>("gates");
+  a.cells = in.ptr<Acc>("cells");
+  a.hidden = in.ptr<T>("hidden");
+  a.dh_state = dh_state.as<Acc>();
+  a.dc_state = dc_state.as<Acc>();
+  a.dG = dG.as<T>();
+  a.dh_all = dh_all.as<T>();
+  a.h_prev = h_prev.as<T>();
+  a.grad_input = grad_input.as<T>();
+  a.grad_h0 = grad_h0.as<T>();
+  a.grad_w_ih = grad_w_ih.as<T>();
+  a.grad_w_hh = grad_w_hh.as<T>();
+  a.grad_bias = grad_bias.as<T>();
+  a.grad_w_hr = grad_w_hr.as<T>();
+  CpuMath<T> math;
+  check(fastlstm::cuda::lstm_layer_backward<T>(s, a, math, nullptr), "backward");
+  out.put("grad_input", grad_input.p, grad_input.n);
+  out.put("grad_h0", grad_h0.p, grad_h0.n);
+  const std::vector<T> grad_c0 = from_acc<T>(dc_state.as<Acc>(), B * H);
+  out.put("grad_c0", grad_c0.data(), grad_c0.size() * sizeof(T));
+  out.put("grad_w_ih", grad_w_ih.p, grad_w_ih.n);
+  out.put("grad_w_hh", grad_w_hh.p, grad_w_hh.n);
+  out.put("grad_bias", grad_bias.p, grad_bias.n);
+  if (s.has_proj) out.put("grad_w_hr", grad_w_hr.p, grad_w_hr.n);
+}
+
+template <typename F>
+void with_dtype(int64_t code, F&& f) {
+  switch (code) {
+    case 0: return f(double{});
+    case 1: return f(float{});
+    case 2: return f(__half{});
+    case 3: return f(__nv_bfloat16{});
+  }
+  die("unknown dtype code " + std::to_string(code));
+}
+
+int selftest();
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "selftest") return selftest();
+  if (argc != 4) die("usage: driver forward|backward IN OUT | driver selftest");
+  const std::string mode = argv[1];
+  Input in{read_file(argv[2])};
+  const Buf& sizes = in.need("sizes");
+  const Buf& flags = in.need("flags");
+  if (sizes.n != 5 * 8 || flags.n != 4 * 8) die("sizes must be 5 and flags 4 int64");
+  Writer out(argv[3]);
+  with_dtype(flags.as<int64_t>()[2], [&](auto tag) {
+    using T = decltype(tag);
+    if (mode == "forward") {
+      forward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
+    } else if (mode == "backward") {
+      backward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
+    } else {
+      die("unknown mode " + mode);
+    }
+  });
+  return 0;
+}
+
+// ---- The emulator's own checks: pieces the LSTM kernels do not use yet. ----
+namespace {
+
+__global__ void grid_sum_kernel(int n, const int* in, int* partial, int* total) {
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (int i = b; i < n; i += gridDim.x) s += in[i];
+    partial[b] = s;
+  }
+  fastlstm_emu::grid_sync();
+  // Every block reads all partial sums: wrong unless every block passed the grid barrier.
+  if (threadIdx.x == 0) {
+    int s = 0;
+    for (unsigned i = 0; i < gridDim.x; ++i) s += partial[i];
+    total[b] = s;
+  }
+}
+
+__global__ void rotate_kernel(int* out) {
+  const int lane = threadIdx.x % 32;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), (lane + 1) % 32);
+}
+
+__global__ void noop_kernel() {}
+
+int selftest() {
+  int failures = 0;
+  auto expect = [&](bool ok, const char* what) {
+    std::printf("%s: %s\n", ok ? "ok" : "FAILED", what);
+    failures += !ok;
+  };
+  {
+    const int n = 1000, blocks = 8;
+    std::vector<int> in(n), partial(blocks, -1), total(blocks, -1);
+    int want = 0;
+    for (int i = 0; i < n; ++i) want += in[i] = i % 7;
+    expect(fastlstm_emu::launch_cooperative(grid_sum_kernel, dim3(blocks), dim3(64), nullptr, n,
+                                            in.data(), partial.data(), total.data()) == cudaSuccess,
+           "cooperative launch");
+    bool ok = true;
+    for (int b = 0; b < blocks; ++b) ok &= total[b] == want;
+    expect(ok, "grid_sync: every block sees every block's partial sum");
+    expect(fastlstm_emu::launch_cooperative(grid_sum_kernel, dim3(1000), dim3(64), nullptr, n,
+                                            in.data(), partial.data(), total.data()) ==
+               cudaErrorCooperativeLaunchTooLarge,
+           "cooperative launch with more blocks than can be resident is refused");
+  }
+  {
+    std::vector<int> out(64, -1);
+    expect(fastlstm_emu::launch(rotate_kernel, dim3(1), dim3(64), nullptr, out.data()) == cudaSuccess,
+           "shuffle launch");
+    bool ok = true;
+    for (int t = 0; t < 64; ++t) ok &= out[t] == (t / 32) * 32 + (t % 32 + 1) % 32;
+    expect(ok, "__shfl_sync rotates within each warp");
+  }
+  expect(fastlstm_emu::launch(noop_kernel, dim3(1), dim3(1025), nullptr) ==
+             cudaErrorInvalidConfiguration,
+         "1025 threads per block are refused");
+  expect(fastlstm_emu::launch(noop_kernel, dim3(1, 65536), dim3(32), nullptr) ==
+             cudaErrorInvalidConfiguration,
+         "gridDim.y above 65535 is refused");
+  return failures == 0 ? 0 : 1;
+}
+
+}  // namespace
