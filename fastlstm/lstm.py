@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import onnx as _onnx
 from . import ops
 
 __all__ = ["LSTM", "replace_lstm"]
@@ -33,7 +34,13 @@ class LSTM(nn.RNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def forward(self, input, hx=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
+    def forward(self, input, hx=None, lengths=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
+        """torch.nn.LSTM's forward, plus ``lengths``: for a padded batch (3-D ``input``), a
+        tensor [B] of each sequence's length (integers in [0, T], any order, on any device). It
+        gives what pack_padded_sequence -> LSTM -> pad_packed_sequence gives, without packing:
+        ``output`` is zero past each length and ``h_n``/``c_n`` are each sequence's state at its
+        last step (a length of 0 leaves the initial state). Unlike a PackedSequence it exports
+        (torch.export, ONNX ``sequence_lens``) with dynamic batch and sequence length."""
         self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -41,6 +48,9 @@ class LSTM(nn.RNNBase):
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("LSTM: lengths cannot be given with a PackedSequence input, "
+                                 "which carries its own lengths")
             data, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
             if hx is not None:
@@ -73,7 +83,8 @@ class LSTM(nn.RNNBase):
                         )
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             x = input.transpose(0, 1) if self.batch_first else input
-            lengths = None
+            if lengths is not None:
+                lengths = _check_lengths(lengths, is_batched, max_batch_size, x.device)
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
             hx = (
@@ -102,6 +113,20 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
+
+
+def _check_lengths(lengths, is_batched: bool, batch_size, device: torch.device) -> Tensor:
+    if not is_batched:
+        raise ValueError("LSTM: lengths needs a batched (3-D) input, got an unbatched (2-D) one")
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"LSTM: lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch_size:
+        raise ValueError(f"LSTM: lengths must have shape ({batch_size},) = (batch size,), got "
+                         f"{tuple(lengths.shape)}")
+    # Values are checked against [0, T] by the op, where the data is (checking here would read it
+    # back from the device and cannot be traced).
+    return lengths.to(device=device, dtype=torch.int64)
 
 
 def _check_dtypes(x: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
@@ -144,21 +169,32 @@ def _lstm(
     h0, c0 = hx
     h_n, c_n = [], []
     layer_input = x
+    exporting = _onnx.is_exporting()
     for layer in range(num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            k = layer * num_directions + direction
-            w = weights[k * per_direction:(k + 1) * per_direction]
-            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
-            w_hr = w[-1] if has_proj else None
-            out, h, c = ops.lstm_layer(
-                layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
-                reverse=direction == 1,
-            )
-            outputs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        if exporting:  # one ONNX LSTM node per layer (fastlstm/onnx.py)
+            k = layer * num_directions
+            w = [weights[j * per_direction:(j + 1) * per_direction]
+                 for j in range(k, k + num_directions)]
+            layer_input, h, c = _onnx.lstm_layer(
+                layer_input, h0[k:k + num_directions], c0[k:k + num_directions], w, has_bias,
+                has_proj, lengths)
+            h_n.extend(h.unbind(0))
+            c_n.extend(c.unbind(0))
+        else:
+            outputs = []
+            for direction in range(num_directions):
+                k = layer * num_directions + direction
+                w = weights[k * per_direction:(k + 1) * per_direction]
+                b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+                w_hr = w[-1] if has_proj else None
+                out, h, c = ops.lstm_layer(
+                    layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
+                    reverse=direction == 1,
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     return layer_input, torch.stack(h_n), torch.stack(c_n)
