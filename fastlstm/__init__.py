@@ -2,12 +2,14 @@
 
     import fastlstm
     lstm = fastlstm.LSTM(10, 20, num_layers=2)     # same arguments as torch.nn.LSTM
-    model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM in a model
+    cell = fastlstm.LSTMCell(10, 20)               # same arguments as torch.nn.LSTMCell
+    model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM (and LSTMCell)
     fastlstm.backend("cpu")                        # "compiled" or "reference"
 """
 from . import ops, reference
+from .cell import LSTMCell
 from .lstm import LSTM, replace_lstm
 from .ops import backend
 
-__all__ = ["LSTM", "replace_lstm", "backend", "ops", "reference"]
+__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "ops", "reference"]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import onnx as _onnx
 from . import ops
+from .cell import _convert_cell
 
 __all__ = ["LSTM", "replace_lstm"]
 
@@ -223,14 +224,19 @@ def _pack_padded(x: Tensor, index: Tensor) -> Tensor:
 
 def replace_lstm(module: nn.Module) -> nn.Module:
     """Replace every ``torch.nn.LSTM`` inside ``module`` (and ``module`` itself's children,
-    recursively) by a ``fastlstm.LSTM`` with the same configuration, weights, device, dtype and
+    recursively) by a ``fastlstm.LSTM``, and every ``torch.nn.LSTMCell`` by a
+    ``fastlstm.LSTMCell``, with the same configuration, weights, device, dtype and
     train/eval mode. Modifies ``module`` in place and returns it; a bare ``torch.nn.LSTM`` passed in
     is returned converted."""
     if isinstance(module, nn.LSTM):
         return _convert(module)
+    if isinstance(module, nn.LSTMCell):
+        return _convert_cell(module)
     for name, child in module.named_children():
         if isinstance(child, nn.LSTM):
             setattr(module, name, _convert(child))
+        elif isinstance(child, nn.LSTMCell):
+            setattr(module, name, _convert_cell(child))
         else:
             replace_lstm(child)
     return module
