@@ -4,9 +4,11 @@ for inference (no_grad) and training (the steps, then backward), at batch 1-64 a
 
 The two are measured interleaved in the same run (rounds alternate which goes first) and the table
 shows the median over rounds of torch's time / fastlstm's time, so > 1 means fastlstm is faster;
-on a shared, noisy machine the per-round ratio is steadier than either time.
+on a shared, noisy machine the per-round ratio is steadier than either time. `min/min` is the
+ratio of each one's fastest round, the least disturbed by other load.
 
-    PYTHONPATH=$PWD python benchmarks/bench_cell.py [--quick] [--json out.json]
+    PYTHONPATH=$PWD python benchmarks/bench_cell.py [--threads N] [--clock process] [--quick]
+        [--json out.json]
 """
 import argparse
 import json
@@ -34,11 +36,14 @@ def decoder(cell, x, h, c, steps, train):
                 h, c = cell(x, (h, c))
 
 
+CLOCK = time.perf_counter
+
+
 def time_once(fn, reps):
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps
+    return (CLOCK() - start) / reps
 
 
 def measure(B, H, train, steps, rounds, dtype, impl):
@@ -68,6 +73,7 @@ def measure(B, H, train, steps, rounds, dtype, impl):
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_of_min_times": min(times["torch"]) / min(times["fastlstm"]),
     }
 
 
@@ -78,16 +84,25 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "process"], default="wall",
+                   help="process: this process's CPU time, which time spent descheduled by other "
+                        "load does not count (meaningful with --threads 1)")
     p.add_argument("--quick", action="store_true", help="fewer rounds (5)")
     p.add_argument("--json", help="write the rows and the environment here")
     args = p.parse_args()
     impl = load_impl()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     dtype = getattr(torch, args.dtype)
     rounds = 5 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"{args.steps} chained steps, {rounds} interleaved rounds; ratio = torch / fastlstm")
+          f"{args.steps} chained steps, {rounds} interleaved rounds, {args.clock} clock; "
+          "ratio = torch / fastlstm")
     print(f"{'mode':>9} {'B':>4} {'H':>5} {'torch us/step':>14} {'fastlstm us/step':>17} "
-          f"{'ratio (min-max)':>22}")
+          f"{'ratio (min-max)':>22} {'min/min':>8}")
     rows = []
     for train in (False, True):
         for B in args.batches:
@@ -96,11 +111,12 @@ def main():
                 rows.append(r)
                 print(f"{r['mode']:>9} {B:>4} {H:>5} {r['torch_us_per_step']:>14.1f} "
                       f"{r['fastlstm_us_per_step']:>17.1f} {r['ratio_median']:>8.2f} "
-                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})", flush=True)
+                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) {r['ratio_of_min_times']:>8.2f}",
+                      flush=True)
     if args.json:
         env = environment(torch.device("cpu"), impl)
         with open(args.json, "w") as f:
-            json.dump({**env, "dtype": args.dtype, "rows": rows}, f, indent=1)
+            json.dump({**env, "dtype": args.dtype, "clock": args.clock, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -6,10 +6,10 @@
     model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM (and LSTMCell)
     fastlstm.backend("cpu")                        # "compiled" or "reference"
 """
-from . import ops, reference
+from . import onnx, ops, reference
 from .cell import LSTMCell
 from .lstm import LSTM, replace_lstm
 from .ops import backend
 
-__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "ops", "reference"]
+__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "onnx", "ops", "reference"]
 __version__ = "0.1.0"

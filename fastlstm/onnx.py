@@ -11,6 +11,9 @@ rearrangement is written in torch ops on the parameters, which the exporter fold
 
 proj_size has no counterpart in ONNX's LSTM: exporting a model that uses it raises an error that
 says so.
+
+A program captured beforehand with torch.export holds fastlstm's op itself; translation_table()
+gives torch.onnx.export the translation of that op (one direction of one layer) to ONNX's LSTM.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["is_exporting", "lstm_layer"]
+__all__ = ["is_exporting", "lstm_layer", "translation_table"]
 
 
 def is_exporting() -> bool:
@@ -30,6 +33,8 @@ def is_exporting() -> bool:
     # constant False. The exporter's own flag, read directly, is what that function returns and is
     # seen by Dynamo as it is, so every capture takes the same path (and an unsupported
     # configuration fails each with the same message, rather than a later, vaguer one).
+    if "torch.onnx" not in sys.modules:  # no export can be running (and importing it costs 0.1 s)
+        return False
     flags = sys.modules.get("torch.onnx._internal.exporter._flags")
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
@@ -82,3 +87,45 @@ def lstm_layer(
     )
     # Y [T, D, B, H] -> [T, B, D*H]: the directions side by side, as torch.nn.LSTM concatenates them.
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
+
+
+def translation_table() -> dict:
+    """``{torch.ops.fastlstm.lstm_layer_forward.default: translation}`` for
+    ``torch.onnx.export(exported_program, dynamo=True, custom_translation_table=...)``, where
+    ``exported_program`` came from ``torch.export`` (exporting the module itself needs nothing).
+    Needs onnxscript."""
+    from onnxscript import opset18 as op
+
+    def lstm_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
+                           lengths=None, reverse: bool = False, training: bool = True):
+        if w_hr is not None:
+            raise RuntimeError(
+                "fastlstm: ONNX export of an LSTM with proj_size > 0 is not supported: ONNX's "
+                "LSTM operator has no projection (proj_size).")
+        H = w_ih.shape[0] // 4
+
+        def gate_order(t):  # i, f, g, o -> ONNX's i, o, f, c
+            def rows(a, b):
+                return op.Slice(t, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]))
+            return op.Concat(rows(0, H), rows(3 * H, 4 * H), rows(H, 2 * H), rows(2 * H, 3 * H),
+                             axis=0)
+
+        axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+        W = op.Unsqueeze(gate_order(w_ih), axis0)
+        R = op.Unsqueeze(gate_order(w_hh), axis0)
+        B = None
+        if b_ih is not None or b_hh is not None:
+            zeros = op.ConstantOfShape(op.Constant(value_ints=[4 * H]))
+            bi = gate_order(b_ih) if b_ih is not None else op.CastLike(zeros, w_ih)
+            bh = gate_order(b_hh) if b_hh is not None else op.CastLike(zeros, w_ih)
+            B = op.Unsqueeze(op.Concat(bi, bh, axis=0), axis0)
+        seq_lens = op.Cast(lengths, to=6) if lengths is not None else None  # 6: int32
+        y, h_n, c_n = op.LSTM(input, W, R, B, seq_lens, op.Unsqueeze(h0, axis0),
+                              op.Unsqueeze(c0, axis0), hidden_size=H,
+                              direction="reverse" if reverse else "forward")
+        # gates, cells, hidden: what a backward would use; an exported program never reads them.
+        empty = op.CastLike(op.ConstantOfShape(axis0), input)
+        return (op.Squeeze(y, axis1), op.Squeeze(h_n, axis0), op.Squeeze(c_n, axis0), empty,
+                empty, empty)
+
+    return {torch.ops.fastlstm.lstm_layer_forward.default: lstm_layer_forward}

@@ -139,3 +139,37 @@ def test_export_proj_size_fails_naming_proj_size():
     model = fastlstm.LSTM(5, 7, proj_size=3).eval()
     with pytest.raises(torch.onnx.OnnxExporterError, match="proj_size"):
         torch.onnx.export(model, (torch.randn(4, 3, 5),), dynamo=True, verbose=False)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_export_program_from_torch_export_with_translation_table(bias):
+    # A program captured with torch.export holds fastlstm's op; translation_table() translates it.
+    model = fastlstm.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True,
+                          bias=bias).eval()
+    T, B = torch.export.Dim("T"), torch.export.Dim("B")
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(3, 4, 5),),
+                                      {"lengths": torch.tensor([4, 2, 3])},
+                                      dynamic_shapes={"input": {0: B, 1: T}, "lengths": {0: B}})
+    assert any("fastlstm" in str(n.target) for n in program.graph.nodes)
+    prog = torch.onnx.export(program, dynamo=True, verbose=False,
+                             custom_translation_table=fastlstm.onnx.translation_table())
+    onnx.checker.check_model(prog.model_proto)
+    assert _ops(prog.model_proto).count(("", "LSTM")) == 4  # one per layer and direction
+    session = ort.InferenceSession(prog.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for (t, b), lens in zip(SHAPES, ([4, 1, 3], [9, 1, 5, 9, 2, 3], [1], [2, 1, 2, 2, 1])):
+        x, lengths = torch.randn(b, t, 5), torch.tensor(lens)
+        with torch.no_grad():
+            out, (h, c) = model(x, lengths=lengths)
+        for g, want in zip(_run(session, x, lengths), (out, h, c)):
+            torch.testing.assert_close(g, want, **TOL)
+
+
+def test_translation_table_proj_size_fails_naming_proj_size():
+    model = fastlstm.LSTM(5, 7, proj_size=3).eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(4, 3, 5),))
+    with pytest.raises(torch.onnx.OnnxExporterError, match="proj_size"):
+        torch.onnx.export(program, dynamo=True, verbose=False,
+                          custom_translation_table=fastlstm.onnx.translation_table())

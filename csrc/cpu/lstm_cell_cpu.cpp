@@ -287,6 +287,7 @@ class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
     const at::Tensor bh = b_hh.has_value() ? *b_hh : at::Tensor();
     ctx->save_for_backward({input, hx, cx, w_ih, w_hh, bi, bh, c, gates});
     ctx->mark_non_differentiable({gates});
+    ctx->set_materialize_grads(false);  // gates never gets a gradient: no [B, 4H] zeros per step
     return {h, c, gates};
   }
 
