@@ -1,6 +1,6 @@
-"""fastlstm.LSTMCell against torch.nn.LSTMCell on the CPU: a decoder loop of `--steps` chained steps,
-for inference (no_grad) and training (the steps, then backward), at batch 1-64 and H 128-1024
-(input size = H).
+"""fastlstm.LSTMCell against torch.nn.LSTMCell on the CPU: a decoder loop of `--steps` chained
+steps, for inference (no_grad) and training (the steps, then backward), at batch 1-64 and
+H 128-1024 (input size = H).
 
 The two are measured interleaved in the same run (rounds alternate which goes first) and the table
 shows the median over rounds of torch's time / fastlstm's time, so > 1 means fastlstm is faster;
@@ -111,7 +111,8 @@ def main():
                 rows.append(r)
                 print(f"{r['mode']:>9} {B:>4} {H:>5} {r['torch_us_per_step']:>14.1f} "
                       f"{r['fastlstm_us_per_step']:>17.1f} {r['ratio_median']:>8.2f} "
-                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) {r['ratio_of_min_times']:>8.2f}",
+                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+                      f"{r['ratio_of_min_times']:>8.2f}",
                       flush=True)
     if args.json:
         env = environment(torch.device("cpu"), impl)

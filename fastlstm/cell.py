@@ -89,8 +89,8 @@ class LSTMCell(nn.RNNCellBase):
 
 
 def _convert_cell(cell: nn.LSTMCell) -> LSTMCell:
-    """A fastlstm.LSTMCell holding ``cell``'s very Parameter objects (device, dtype, requires_grad and
-    optimizer state carry over), in its train/eval mode."""
+    """A fastlstm.LSTMCell holding ``cell``'s very Parameter objects (device, dtype, requires_grad
+    and optimizer state carry over), in its train/eval mode."""
     new = LSTMCell(cell.input_size, cell.hidden_size, bias=cell.bias, device="meta")
     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
         setattr(new, name, getattr(cell, name))

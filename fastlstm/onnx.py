@@ -85,7 +85,7 @@ def lstm_layer(
         dtypes=[x.dtype] * 3,
         shapes=[[T, D, B, H], [D, B, H], [D, B, H]],
     )
-    # Y [T, D, B, H] -> [T, B, D*H]: the directions side by side, as torch.nn.LSTM concatenates them.
+    # Y [T, D, B, H] -> [T, B, D*H]: directions side by side, as torch.nn.LSTM concatenates them.
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
 
 

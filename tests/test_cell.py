@@ -249,7 +249,8 @@ def test_replace_lstm_converts_cells():
     model = Decoder().double().eval()
     weight = model.cell.weight_ih
     fastlstm.replace_lstm(model)
-    assert isinstance(model.cell, fastlstm.LSTMCell) and isinstance(model.inner[0], fastlstm.LSTMCell)
+    assert isinstance(model.cell, fastlstm.LSTMCell)
+    assert isinstance(model.inner[0], fastlstm.LSTMCell)
     assert model.cell.weight_ih is weight and not model.cell.training
     bare = fastlstm.replace_lstm(torch.nn.LSTMCell(3, 4, bias=False))
     assert isinstance(bare, fastlstm.LSTMCell) and bare.bias_ih is None
