@@ -258,3 +258,57 @@ def test_replace_lstm_converts_cells():
     torch.testing.assert_close(bare(x)[0], torch._VF.lstm_cell(
         x, (torch.zeros(2, 4), torch.zeros(2, 4)), bare.weight_ih, bare.weight_hh, None, None)[0],
         **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd", "jvp", "vmap_grad",
+                                       "per_sample_param_grads"])
+def test_torch_func_transforms_match_the_reference(transform):
+    # Under forward-mode AD or a torch.func transform the cell runs in ATen ops (the C++ autograd
+    # Function is refused there); the oracle is fastlstm.reference's plain-PyTorch step.
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+    fast, _ = make_cells(3, 4)
+    params = dict(fast.named_parameters())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+
+    def run_fast(p, x):
+        return functional_call(fast, p, (x, (h0, c0)))[0]
+
+    def run_ref(p, x):
+        return fastlstm.reference.lstm_layer(
+            x.unsqueeze(0), h0, c0, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])[1]
+
+    def apply(f):
+        if transform == "grad":
+            return grad(lambda x: f(params, x).sum())(x)
+        if transform == "jacrev":
+            return jacrev(lambda x: f(params, x))(x)
+        if transform == "jacfwd":
+            return jacfwd(lambda x: f(params, x))(x)
+        if transform == "jvp":
+            return jvp(lambda x: f(params, x), (x,), (torch.ones_like(x),))[1]
+        if transform == "vmap_grad":
+            return vmap(grad(lambda xi: f(params, xi.expand(2, 3)).sum()))(x)
+        per_sample = vmap(grad(lambda p, xi: f(p, xi.unsqueeze(0).expand(2, 3)).sum()),
+                          in_dims=(None, 0))(params, x)
+        return torch.cat([g.flatten(1) for g in per_sample.values()], 1)
+
+    got, want = apply(run_fast), apply(run_ref)
+    assert want.abs().max() > 0.01
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_forward_mode_ad():
+    import torch.autograd.forward_ad as fwAD
+
+    fast, ref = make_cells(3, 4)
+    x, t = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    results = []
+    for cell in (fast, ref):
+        with fwAD.dual_level():
+            h, c = cell(fwAD.make_dual(x, t))
+            results.append((fwAD.unpack_dual(h).tangent, fwAD.unpack_dual(c).tangent))
+    for got, want in zip(*results):
+        assert want.abs().max() > 0.01
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -273,8 +274,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_cell_forward(
   return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
 }
 
+// The step in differentiable ATen ops (forward-mode AD, torch.func, double backward): (h, c, gates).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_cell(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh) {
+  at::Tensor pre = at::mm(input, w_ih.t()) + at::mm(hx, w_hh.t());
+  if (b_ih.defined()) pre = pre + b_ih;
+  if (b_hh.defined()) pre = pre + b_hh;
+  const auto g = pre.chunk(4, 1);
+  const at::Tensor i = g[0].sigmoid(), f = g[1].sigmoid(), z = g[2].tanh(), o = g[3].sigmoid();
+  const at::Tensor c = f * cx + i * z;
+  const at::Tensor h = o * c.tanh();
+  const at::Tensor gates = at::cat({i, f, z, o}, 1).detach();
+  return {h, c, gates.to(cell_dtype(input.scalar_type()))};
+}
+
 // Autograd of lstm_cell_forward for every device. The backward calls lstm_cell_backward; with
-// create_graph (double backward) it recomputes the step with differentiable ATen ops instead.
+// create_graph (double backward) it recomputes the step with composite_cell and differentiates it.
 class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx,
@@ -324,12 +340,8 @@ class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
     for (const auto& t : inputs) {
       if (t.defined() && t.requires_grad()) wanted.push_back(t);
     }
-    at::Tensor pre = at::mm(inputs[0], inputs[3].t()) + at::mm(inputs[1], inputs[4].t());
-    if (inputs[5].defined()) pre = pre + inputs[5];
-    if (inputs[6].defined()) pre = pre + inputs[6];
-    const auto g = pre.chunk(4, 1);
-    const at::Tensor c = g[1].sigmoid() * inputs[2] + g[0].sigmoid() * g[2].tanh();
-    const at::Tensor h = g[3].sigmoid() * c.tanh();
+    auto [h, c, gates] = composite_cell(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4],
+                                        inputs[5], inputs[6]);
     const auto found = torch::autograd::grad({h, c}, wanted, {gh, gc}, /*retain_graph=*/true,
                                              /*create_graph=*/true, /*allow_unused=*/true);
     variable_list out(7);
@@ -341,10 +353,35 @@ class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
   }
 };
 
+// No gradient needed: the op below autograd, nothing recorded. A tangent on any input (forward-mode
+// AD: torch.func.jvp, jacfwd) or a gradient inside a torch.func transform, which refuses C++
+// autograd Functions (grad, vjp, jacrev, vmap of grad): composite_cell, whose ATen ops support
+// them all. Otherwise LSTMCellFunction.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward_autograd(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
     const std::optional<at::Tensor>& b_hh) {
+  const at::Tensor bi = b_ih.has_value() ? *b_ih : at::Tensor();
+  const at::Tensor bh = b_hh.has_value() ? *b_hh : at::Tensor();
+  bool forward_ad = false, needs_grad = false;
+  for (const at::Tensor* t : {&input, &hx, &cx, &w_ih, &w_hh, &bi, &bh}) {
+    if (!t->defined()) continue;
+    forward_ad = forward_ad || t->_fw_grad(/*level=*/0).defined();
+    needs_grad = needs_grad || t->requires_grad();
+  }
+  needs_grad = needs_grad && at::GradMode::is_enabled();
+  // functorch refuses a C++ autograd Function exactly when a transform is active, which is when it
+  // includes its back-mode key in the thread-local dispatch state.
+  const bool in_transform =
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  if (forward_ad || (needs_grad && in_transform)) {
+    check_cell_args(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+    return composite_cell(input, hx, cx, w_ih, w_hh, bi, bh);
+  }
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return call_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  }
   auto out = LSTMCellFunction::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   return {out[0], out[1], out[2]};
 }
