@@ -49,3 +49,21 @@ TORCH_LIBRARY(fastlstm, m) {
 
 // The library has no Python entry point and no Python symbols: fastlstm/_loader.py loads it with
 // torch.ops.load_library, and a C++ program can dlopen it (examples/cpp).
+
+// One LSTMCell step (torch.nn.LSTMCell), CPU (csrc/cpu/lstm_cell_cpu.cpp, which also registers its
+// autograd). Shapes:
+//   input [B, I]; hx [B, H]; cx [B, H]; w_ih [4H, I]; w_hh [4H, H] (rows i, f, g, o);
+//   b_ih, b_hh [4H] or None.
+// lstm_cell_forward returns h [B, H], c [B, H] (input dtype) and gates [B, 4H], the post-activation
+// i, f, g, o saved for backward (float32 for float16/bfloat16 input, else the input dtype).
+// lstm_cell_backward takes the gradients of h and c, the step's cx and its c and gates, and returns
+// the gradient of the pre-activation gates grad_gates [B, 4H] (gates' dtype; the input, state, weight
+// and bias gradients are products of it) and grad_cx [B, H].
+TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
+  m.def(
+      "lstm_cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh) -> (Tensor h, Tensor c, Tensor gates)");
+  m.def(
+      "lstm_cell_backward(Tensor grad_h, Tensor grad_c, Tensor cx, Tensor c, Tensor gates) "
+      "-> (Tensor grad_gates, Tensor grad_cx)");
+}

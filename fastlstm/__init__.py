@@ -2,14 +2,16 @@
 
     import fastlstm
     lstm = fastlstm.LSTM(10, 20, num_layers=2)     # same arguments as torch.nn.LSTM
-    model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM in a model
+    cell = fastlstm.LSTMCell(10, 20)               # same arguments as torch.nn.LSTMCell
+    model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM (and LSTMCell)
     fastlstm.backend("cpu")                        # "compiled" or "reference"
     fastlstm.library_path()                        # the op library, for C++ programs
 """
-from . import ops, reference
+from . import onnx, ops, reference
+from .cell import LSTMCell
 from .lstm import LSTM, replace_lstm
 from ._loader import library_path
 from .ops import backend
 
-__all__ = ["LSTM", "replace_lstm", "backend", "library_path", "ops", "reference"]
+__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "library_path", "onnx", "ops", "reference"]
 __version__ = "0.1.0"

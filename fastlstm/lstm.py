@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
+from . import onnx as _onnx
 from . import ops
+from .cell import LSTMCell
 
 __all__ = ["LSTM", "replace_lstm"]
 
@@ -44,7 +46,13 @@ class LSTM(nn.RNNBase):
             "fastlstm.LSTM does not support torch.jit.script (TorchScript scripting is deprecated "
             "in this torch); use torch.jit.trace, torch.export or torch.compile instead")
 
-    def forward(self, input, hx=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
+    def forward(self, input, hx=None, lengths=None):  # noqa: C901 (mirrors torch.nn.LSTM.forward)
+        """torch.nn.LSTM's forward, plus ``lengths``: for a padded batch (3-D ``input``), a
+        tensor [B] of each sequence's length (integers in [0, T], any order, on any device). It
+        gives what pack_padded_sequence -> LSTM -> pad_packed_sequence gives, without packing:
+        ``output`` is zero past each length and ``h_n``/``c_n`` are each sequence's state at its
+        last step (a length of 0 leaves the initial state). Unlike a PackedSequence it exports
+        (torch.export, ONNX ``sequence_lens``) with dynamic batch and sequence length."""
         self._update_flat_weights()
         weights = _check_weights(self._flat_weights, self._flat_weights_names)
         num_directions = 2 if self.bidirectional else 1
@@ -55,6 +63,9 @@ class LSTM(nn.RNNBase):
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("LSTM: lengths cannot be given with a PackedSequence input, "
+                                 "which carries its own lengths")
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _check_batch_sizes(batch_sizes)
             # torch checks a packed input's dtype in its kernel (a RuntimeError, where check_input
@@ -91,7 +102,8 @@ class LSTM(nn.RNNBase):
                         )
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             x = input.transpose(0, 1) if self.batch_first else input
-            lengths = None
+            if lengths is not None:
+                lengths = _check_lengths(lengths, is_batched, max_batch_size, x.device)
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
             hx = (
@@ -175,6 +187,20 @@ def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
+def _check_lengths(lengths, is_batched: bool, batch_size, device: torch.device) -> Tensor:
+    if not is_batched:
+        raise ValueError("LSTM: lengths needs a batched (3-D) input, got an unbatched (2-D) one")
+    lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"LSTM: lengths must be an integer tensor, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch_size:
+        raise ValueError(f"LSTM: lengths must have shape ({batch_size},) = (batch size,), got "
+                         f"{tuple(lengths.shape)}")
+    # Values are checked against [0, T] by the op, where the data is (checking here would read it
+    # back from the device and cannot be traced).
+    return lengths.to(device=device, dtype=torch.int64)
+
+
 def _check_dtypes(x: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor]) -> None:
     # The checks torch.nn.LSTM's kernel makes, with its messages. (A non-float input never gets here:
     # check_input has already raised torch's ValueError for it.)
@@ -215,21 +241,32 @@ def _lstm(
     h0, c0 = hx
     h_n, c_n = [], []
     layer_input = x
+    exporting = _onnx.is_exporting()
     for layer in range(num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            k = layer * num_directions + direction
-            w = weights[k * per_direction:(k + 1) * per_direction]
-            b_ih, b_hh = (_as_bias(w[2]), _as_bias(w[3])) if has_bias else (None, None)
-            w_hr = w[-1] if has_proj else None
-            out, h, c = ops.lstm_layer(
-                layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
-                reverse=direction == 1,
-            )
-            outputs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        if exporting:  # one ONNX LSTM node per layer (fastlstm/onnx.py)
+            k = layer * num_directions
+            w = [weights[j * per_direction:(j + 1) * per_direction]
+                 for j in range(k, k + num_directions)]
+            layer_input, h, c = _onnx.lstm_layer(
+                layer_input, h0[k:k + num_directions], c0[k:k + num_directions], w, has_bias,
+                has_proj, lengths)
+            h_n.extend(h.unbind(0))
+            c_n.extend(c.unbind(0))
+        else:
+            outputs = []
+            for direction in range(num_directions):
+                k = layer * num_directions + direction
+                w = weights[k * per_direction:(k + 1) * per_direction]
+                b_ih, b_hh = (_as_bias(w[2]), _as_bias(w[3])) if has_bias else (None, None)
+                w_hr = w[-1] if has_proj else None
+                out, h, c = ops.lstm_layer(
+                    layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
+                    reverse=direction == 1,
+                )
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     if num_directions == 1 and (layer_input.requires_grad or torch.jit.is_tracing()):
@@ -269,14 +306,14 @@ def _pack_padded(x: Tensor, index: Tensor) -> Tensor:
 
 
 def replace_lstm(module: nn.Module) -> nn.Module:
-    """Replace every ``torch.nn.LSTM`` inside ``module`` (recursively) by a ``fastlstm.LSTM`` with the
-    same configuration, the very same Parameter objects (so an optimizer that holds them still
+    """Replace every ``torch.nn.LSTM`` inside ``module`` (recursively) by a ``fastlstm.LSTM``, and
+    every ``torch.nn.LSTMCell`` by a ``fastlstm.LSTMCell``, with the same configuration, the very same Parameter objects (so an optimizer that holds them still
     works), device, dtype, train/eval mode, hooks and parametrizations (``weight_norm``,
     ``spectral_norm``, ``torch.nn.utils.parametrize``, pruning). Modifies ``module`` in place and
-    returns it; a bare ``torch.nn.LSTM`` passed in is returned converted (the original is left as it
+    returns it; a bare ``torch.nn.LSTM`` (or cell) passed in is returned converted (the original is left as it
     was, sharing its parameters with the copy).
 
-    A subclass of ``torch.nn.LSTM`` is left unchanged, with a warning: its own code (a ``forward``
+    A subclass of ``torch.nn.LSTM`` (or cell) is left unchanged, with a warning: its own code (a ``forward``
     of its own, say) would be lost in the conversion."""
     converted = _convert(module)
     if converted is not None:
@@ -285,27 +322,31 @@ def replace_lstm(module: nn.Module) -> nn.Module:
         new = _convert(child)
         if new is not None:
             setattr(module, name, new)
-        elif not isinstance(child, nn.LSTM):
+        elif not isinstance(child, (nn.LSTM, nn.LSTMCell)):
             replace_lstm(child)
     return module
 
 
-def _convert(lstm: nn.Module) -> LSTM | None:
-    """A fastlstm.LSTM that shares everything of ``lstm`` but its class, or None if ``lstm`` is not
-    a torch.nn.LSTM that can be converted."""
-    if not isinstance(lstm, nn.LSTM):
+def _convert(module: nn.Module) -> nn.Module | None:
+    """A fastlstm.LSTM (LSTMCell) that shares everything of a torch.nn.LSTM (LSTMCell) but its class,
+    or None if ``module`` is not one that can be converted."""
+    for torch_cls, fast_cls in ((nn.LSTM, LSTM), (nn.LSTMCell, LSTMCell)):
+        if isinstance(module, torch_cls):
+            break
+    else:
         return None
-    cls = type(lstm)
-    if parametrize.is_parametrized(lstm) and cls.__bases__ == (nn.LSTM,):
+    cls = type(module)
+    if parametrize.is_parametrized(module) and cls.__bases__ == (torch_cls,):
         # torch.nn.utils.parametrize swapped the class for a generated subclass holding one property
-        # per parametrized tensor: generate the same on top of fastlstm.LSTM.
-        new_cls = type(cls.__name__.replace("LSTM", "FastLSTM"), (LSTM,), dict(vars(cls)))
-    elif cls is nn.LSTM:
-        new_cls = LSTM
+        # per parametrized tensor: generate the same on top of the fastlstm class.
+        new_cls = type(cls.__name__.replace(torch_cls.__name__, "Fast" + torch_cls.__name__),
+                       (fast_cls,), dict(vars(cls)))
+    elif cls is torch_cls:
+        new_cls = fast_cls
     else:
         warnings.warn(
-            f"fastlstm.replace_lstm: left {cls.__qualname__} (a subclass of torch.nn.LSTM) "
-            "unchanged; converting it would drop its own code",
+            f"fastlstm.replace_lstm: left {cls.__qualname__} (a subclass of "
+            f"torch.nn.{torch_cls.__name__}) unchanged; converting it would drop its own code",
             UserWarning,
             stacklevel=3,
         )
@@ -314,8 +355,9 @@ def _convert(lstm: nn.Module) -> LSTM | None:
     # The module's state is its __dict__: parameters, buffers, submodules (parametrizations), hooks
     # (weight_norm, spectral_norm and pruning are forward pre-hooks), flags. Each dict is copied, so
     # the two modules share tensors and hook functions but can be changed apart.
-    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in vars(lstm).items()})
-    new._flat_weights_names = list(lstm._flat_weights_names)
-    new._all_weights = [list(w) for w in lstm._all_weights]
-    new._update_flat_weights()
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in vars(module).items()})
+    if isinstance(new, LSTM):
+        new._flat_weights_names = list(module._flat_weights_names)
+        new._all_weights = [list(w) for w in module._all_weights]
+        new._update_flat_weights()
     return new
