@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14, first GPU session: build benchmarks/gpu/latency_floor.cu for the GPU present and run it
 # (self-check first, then the full grid), every step under `timeout`, output tee'd as it comes to
-# benchmarks/results/gpu-<GPU>-<UTC stamp>-latency-floor/ and $OUT/<same name>/ (at most 5 files:
-# header.txt, build.log, check.log, floor.log, latency_floor.csv). Needs nvcc and a GPU; no torch.
+# benchmarks/results/gpu-<GPU>-<UTC stamp>-latency-floor/ and $OUT/<same name>/ (2 files: run.log
+# with the header, build, self-check and full run; latency_floor.csv). Needs nvcc and a GPU; no torch.
 #
 #   run(command="bash benchmarks/gpu/run_latency_floor.sh", timeout_s=180)
 #
@@ -13,6 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 T0=$SECONDS
+NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 BUDGET=${LF_BUDGET_S:-120}
 left() { echo $((BUDGET - (SECONDS - T0) - 5)); }
 gpu=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -cs 'A-Za-z0-9._' '-' | sed 's/^-*//; s/-*$//')
@@ -30,29 +31,29 @@ log() { if [ -n "$outdir" ]; then tee -a "$dir/$1" "$outdir/$1"; else tee -a "$d
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo "no .git in this copy (commit: ${PLAN_GIT:-not given})")"
   echo "source sha256: $(sha256sum benchmarks/gpu/latency_floor.cu | cut -c1-16)"
   echo "gpu: $(timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -n 2)"
-  echo "nvcc: $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*, V[0-9.]*' || echo 'not found')"
-} 2>&1 | log header.txt
+  echo "nvcc: $("$NVCC" --version 2>/dev/null | grep -o 'release [0-9.]*, V[0-9.]*' || echo 'not found')"
+} 2>&1 | log run.log
 arch=${LF_ARCH:-$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.[:space:]')}
 arch=${arch:-90}
 bin=build/latency_floor_sm$arch
 mkdir -p build
-echo "== build (sm_$arch, timeout 120 s)" | log build.log
-timeout 120 nvcc -O3 -std=c++17 -arch=sm_$arch -Xptxas -v -o "$bin" benchmarks/gpu/latency_floor.cu 2>&1 | log build.log
+echo "== build (sm_$arch, timeout 120 s)" | log run.log
+timeout 120 "$NVCC" -O3 -std=c++17 -arch=sm_$arch -Xptxas -v -o "$bin" benchmarks/gpu/latency_floor.cu 2>&1 | log run.log
 rc=${PIPESTATUS[0]}
-echo "== build rc=$rc, $((SECONDS - T0)) s" | log build.log
+echo "== build rc=$rc, $((SECONDS - T0)) s" | log run.log
 [ "$rc" -eq 0 ] || exit "$rc"
-echo "== self-check (timeout 30 s)" | log check.log
-timeout -k 5 30 "$bin" --check 2>&1 | log check.log
+echo "== self-check (timeout 30 s)" | log run.log
+timeout -k 5 30 "$bin" --check 2>&1 | log run.log
 rc=${PIPESTATUS[0]}
-echo "== self-check rc=$rc, $((SECONDS - T0)) s" | log check.log
+echo "== self-check rc=$rc, $((SECONDS - T0)) s" | log run.log
 [ "$rc" -eq 0 ] || exit "$rc"
 lim=$(left)
-[ "$lim" -ge 10 ] || { echo "== full run: no time left" | log floor.log; exit 124; }
+[ "$lim" -ge 10 ] || { echo "== full run: no time left" | log run.log; exit 124; }
 csv="$dir/latency_floor.csv"
-echo "== full run (timeout ${lim} s)" | log floor.log
+echo "== full run (timeout ${lim} s)" | log run.log
 # shellcheck disable=SC2086  # LF_ARGS is a list of arguments
-timeout -k 5 "$lim" "$bin" --csv "$csv" ${LF_ARGS:-} 2>&1 | log floor.log
+timeout -k 5 "$lim" "$bin" --csv "$csv" ${LF_ARGS:-} 2>&1 | log run.log
 rc=${PIPESTATUS[0]}
 [ -z "$outdir" ] || [ ! -f "$csv" ] || cp "$csv" "$outdir/"
-echo "== full run rc=$rc, $((SECONDS - T0)) s" | log floor.log
+echo "== full run rc=$rc, $((SECONDS - T0)) s" | log run.log
 exit "$rc"
