@@ -2,12 +2,18 @@
 // launch for all T steps, timed against its own CPU reference. Standalone: CUDA runtime only, no
 // torch, no fastlstm headers; the design is benchmarks/NOTES-gpu.md, section 3.1 (grid mode).
 //
-// STATUS: NEVER RUN. Compiled here for sm_90 and sm_80 without a GPU; nothing about its speed or
-// its correctness on a GPU is known. The first GPU session runs it through
+// STATUS: NEVER RUN ON A GPU. Compiled here for sm_90 and sm_80 without a GPU, and its kernel run
+// under the host emulation below (all three math paths, H 64/128, B 1/3/8/20, chunked K, several
+// tiles per warp: every configuration within its error bound; with the grid barrier removed,
+// every one fails). Nothing about its speed, or its correctness on a GPU, is known. The first GPU session runs it through
 // benchmarks/gpu/run_persistent_prototype.sh and records what it prints.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o persistent_prototype benchmarks/gpu/persistent_prototype.cu
 //   ./persistent_prototype [--check] [--steps T] [--reps R] [--csv FILE]
+//
+// Host emulation (no GPU; checks the kernel's logic, not its speed or the memory model; see
+// host_emu.h): g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/pp_emu
+// benchmarks/gpu/persistent_prototype.cu && /tmp/pp_emu --emu
 //
 // What one launch does. Block k of G owns hidden units [k U, (k + 1) U) (U = H / G) and keeps the
 // four gate rows of those units of w_hh in shared memory for the whole sequence. Each step it
@@ -31,8 +37,12 @@
 // Exit status: 0 all configurations passed their check; 1 a check failed or a CUDA error;
 // 2 no CUDA device; 3 bad arguments.
 
+#ifdef PP_HOST_EMU
+#include "host_emu.h"  // runs the kernel's logic on the CPU (see host_emu.h); --emu picks its grid
+#else
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -107,6 +117,18 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
+#ifdef PP_HOST_EMU
+inline uint32_t tf32_bits(float x) {  // cvt.rna: nearest, ties away from zero, 10 mantissa bits
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u + 0x1000u) & 0xFFFFE000u;
+}
+inline void arrive_release(unsigned* counter) { ++*counter; }
+inline unsigned load_acquire(const unsigned* counter) {
+  emu::yield();  // a spinning thread lets the others run
+  return *counter;
+}
+#else
 __device__ __forceinline__ uint32_t tf32_bits(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
@@ -121,6 +143,7 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* counter) {
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
   return v;
 }
+#endif
 
 // Global memory, L2 only: h is written by one SM and read by all the others.
 __device__ __forceinline__ void st_cg(float* p, float v) { __stcg(p, v); }
@@ -158,7 +181,11 @@ template <Math M>
 __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<typename Cfg<M>::T> p) {
   using T = typename Cfg<M>::T;
   constexpr int kPad = Cfg<M>::kPad;
+#ifdef PP_HOST_EMU
+  unsigned char* smem_raw = emu::block_smem();
+#else
   extern __shared__ __align__(16) unsigned char smem_raw[];
+#endif
   const int H = p.H, U = p.U, B = p.B, Bp = p.Bp, KC = p.KC, G = gridDim.x, k = blockIdx.x;
   const int R = 4 * U;  // gate rows of this block
   const int ldw = H + kPad, ldh = KC + kPad;
@@ -206,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
           }
         }
       } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(PP_HOST_EMU)
         const int warp = tid / 32, lane = tid % 32, gid = lane >> 2, tig = lane & 3;
         const int tiles = (R / 16) * (Bp / 8);
         const int slots = kWarps / S;  // warps per K slice
@@ -227,11 +254,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
                 af[3] = *reinterpret_cast<const uint32_t*>(a + 8 * ldw + 8);
                 bf[0] = *reinterpret_cast<const uint32_t*>(bb);
                 bf[1] = *reinterpret_cast<const uint32_t*>(bb + 8);
+#ifdef PP_HOST_EMU
+                emu::mma<true>(d, af, bf);
+#else
                 asm volatile(
                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                     : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "r"(bf[0]), "r"(bf[1]));
+#endif
               } else {
                 const float* a = reinterpret_cast<const float*>(w_s) + (m0 + gid) * ldw + k0 + kk + tig;
                 const float* bb = reinterpret_cast<const float*>(h_s) + (n0 + gid) * ldh + kk + tig;
@@ -242,11 +273,15 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
                 af[3] = tf32_bits(a[8 * ldw + 4]);
                 bf[0] = tf32_bits(bb[0]);
                 bf[1] = tf32_bits(bb[4]);
+#ifdef PP_HOST_EMU
+                emu::mma<false>(d, af, bf);
+#else
                 asm volatile(
                     "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                     : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "r"(bf[0]), "r"(bf[1]));
+#endif
               }
             }
             // d[0], d[1]: row m0 + gid, batch n0 + 2 tig (+1); d[2], d[3]: row m0 + gid + 8.
@@ -269,7 +304,6 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
     for (int i = tid; i < U * B; i += kThreads) {
       const int b = i / U, u = i % U, j = k * U + u;  // consecutive threads: consecutive j
       float pre[4];
-#pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int o = (q * U + u) * Bp + b;
         float v = xg_t[static_cast<size_t>(b) * 4 * H + q * H + j];
@@ -302,6 +336,17 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
 }
 
 // ---- host ----
+
+// The cooperative launch (every block resident, which the grid barrier needs).
+template <class P>
+cudaError_t launch_coop(void (*kernel)(P), int G, void** args, size_t smem) {
+#ifdef PP_HOST_EMU
+  return emu::launch(kernel, static_cast<unsigned>(G), kThreads, args, smem);
+#else
+  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(G), dim3(kThreads), args, smem,
+                                     nullptr);
+#endif
+}
 
 template <Math M>
 int batch_width(int B) {
@@ -418,8 +463,7 @@ struct Runner {
     auto launch = [&] {
       CK(cudaMemset(d_counter, 0, 4));
       CK(cudaMemcpy(d_hbuf + BH, h0_t.data(), BH * sizeof(T), cudaMemcpyHostToDevice));
-      CK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(lstm_persistent_forward<M>), dim3(G),
-                                     dim3(kThreads), args, smem, nullptr));
+      CK(launch_coop(lstm_persistent_forward<M>, G, args, smem));
       CK(cudaGetLastError());
     };
 
@@ -474,8 +518,7 @@ struct Runner {
     for (int r = 0; r < reps; ++r) {
       CK(cudaMemset(d_counter, 0, 4));
       CK(cudaEventRecord(e0));
-      CK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(lstm_persistent_forward<M>), dim3(G),
-                                     dim3(kThreads), args, smem, nullptr));
+      CK(launch_coop(lstm_persistent_forward<M>, G, args, smem));
       CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1));
       float ms = 0;
@@ -519,7 +562,7 @@ int parse_int(const char* s, const char* name, int lo, int hi) {
 
 int main(int argc, char** argv) {
   Runner run;
-  bool check = false;
+  bool check = false, emu_grid = false;
   std::string csv;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -532,6 +575,8 @@ int main(int argc, char** argv) {
     };
     if (a == "--check") {
       check = true;
+    } else if (a == "--emu") {
+      emu_grid = true;
     } else if (a == "--steps") {
       run.steps = parse_int(next(), "--steps", 1, 100000);
     } else if (a == "--reps") {
@@ -539,7 +584,7 @@ int main(int argc, char** argv) {
     } else if (a == "--csv") {
       csv = next();
     } else {
-      std::fprintf(stderr, "usage: persistent_prototype [--check] [--steps T] [--reps R] [--csv FILE]\n");
+      std::fprintf(stderr, "usage: persistent_prototype [--check] [--emu] [--steps T] [--reps R] [--csv FILE]\n");
       return 3;
     }
   }
@@ -561,10 +606,6 @@ int main(int argc, char** argv) {
   std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
   std::printf("# gpu: %s, sm_%d%d, %d SMs; driver API %d, runtime %d; %s\n", run.prop.name, run.prop.major,
               run.prop.minor, run.prop.multiProcessorCount, drv, rt, date);
-  std::printf("# T=%d steps per launch, median/min over %d launches; recurrent part only (no input GEMM)\n",
-              run.steps, run.reps);
-  std::printf("%-10s %5s %3s %4s %3s %5s %2s %7s %9s %9s %10s %s\n", "math", "H", "B", "grid", "U", "KC", "S",
-              "smem_KB", "us/step", "min", "rel_err", "check");
   std::vector<int> Hs = {256, 512, 1024}, Bs = {1, 8, 64};
   if (check) {
     Hs = {256};
@@ -572,6 +613,18 @@ int main(int argc, char** argv) {
     run.steps = std::min(run.steps, 16);
     run.reps = std::min(run.reps, 2);
   }
+  if (emu_grid) {
+    // For the host emulation (slow: one fiber per thread): small H, ragged and full mma tiles, a
+    // batch above one FMA output per thread, few steps.
+    Hs = {64, 128};
+    Bs = {1, 3, 8, 20};
+    run.steps = std::min(run.steps, 6);
+    run.reps = 1;
+  }
+  std::printf("# T=%d steps per launch, median/min over %d launches; recurrent part only (no input GEMM)\n",
+              run.steps, run.reps);
+  std::printf("%-10s %5s %3s %4s %3s %5s %2s %7s %9s %9s %10s %s\n", "math", "H", "B", "grid", "U", "KC", "S",
+              "smem_KB", "us/step", "min", "rel_err", "check");
   std::vector<Result> all;
   for (int H : Hs) {
     for (int B : Bs) {
