@@ -1,9 +1,15 @@
-// A host-side stand-in for the CUDA runtime and device built-ins that persistent_prototype.cu uses,
-// so that its kernel's logic (indexing, split-K, chunking, double buffering, the grid barrier, the
+// A host-side stand-in for the CUDA runtime and device built-ins that persistent_prototype.cu and
+// latency_floor.cu use, so that their kernels' logic (indexing, split-K, chunking, double buffering, the grid barrier, the
 // mma fragment layouts) can be executed on a machine without a GPU:
 //
 //   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/pp_emu
 //       benchmarks/gpu/persistent_prototype.cu && /tmp/pp_emu --emu
+//   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/lf_emu
+//       benchmarks/gpu/latency_floor.cu && PP_EMU_SMS=16 /tmp/lf_emu --check --threads 32 --smem-kb 0
+//
+// Environment: PP_EMU_SMS (SM count, default 132), PP_EMU_SMEM_KB (shared memory per block,
+// default 227), PP_EMU_SEED (block scheduling). Clusters are consecutive blocks; the grid barrier
+// (grid_group::sync) waits for every fiber of the launch; graphs replay captured launches.
 //
 // Every CUDA thread is a fiber (ucontext); one OS thread runs them, each pass a random half of the
 // blocks (seeded by PP_EMU_SEED), so that blocks drift apart. __syncthreads,
@@ -19,6 +25,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
+#include <tuple>
+#include <utility>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -38,14 +47,38 @@ struct dim3 {
 };
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 12
+};
 enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
+enum cudaStreamCaptureMode { cudaStreamCaptureModeThreadLocal = 1 };
+constexpr unsigned cudaStreamNonBlocking = 1;
 struct cudaDeviceProp {
   char name[256];
-  int major, minor, multiProcessorCount;
-  size_t sharedMemPerBlockOptin;
+  int major, minor, multiProcessorCount, l2CacheSize;
+  size_t sharedMemPerBlockOptin, sharedMemPerMultiprocessor;
 };
 using cudaStream_t = void*;
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  struct {
+    struct {
+      unsigned x, y, z;
+    } clusterDim;
+  } val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes = 0;
+  cudaStream_t stream = nullptr;
+  cudaLaunchAttribute* attrs = nullptr;
+  unsigned numAttrs = 0;
+};
+struct EmuGraph;
+using cudaGraph_t = EmuGraph*;
+using cudaGraphExec_t = EmuGraph*;
 using cudaEvent_t = std::chrono::steady_clock::time_point*;
 
 struct __nv_bfloat16 {
@@ -79,6 +112,17 @@ inline void __stcg(float* p, float v) { *p = v; }
 inline void __stcg(unsigned short* p, unsigned short v) { *p = v; }
 inline float __ldcg(const float* p) { return *p; }
 inline unsigned short __ldcg(const unsigned short* p) { return *p; }
+inline void __stcg(unsigned* p, unsigned v) { *p = v; }
+inline unsigned __ldcg(const unsigned* p) { return *p; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) {  // one OS thread: no race
+  const unsigned old = *p;
+  *p += v;
+  return old;
+}
+inline long long clock64() {  // a stand-in that advances; the emulated clock is meaningless
+  static long long c = 0;
+  return c += 1000;
+}
 
 namespace emu {
 
@@ -98,8 +142,12 @@ struct State {
   std::vector<unsigned> warp_arrived, warp_gen;  // per block x warp
   std::vector<std::vector<unsigned char>> smem;  // per block
   std::vector<uint32_t> mma_a, mma_b;            // per block x warp x lane: 4 and 2 words
-  void (*entry)(void*) = nullptr;
-  void* entry_arg = nullptr;
+  std::vector<unsigned> cl_arrived, cl_gen;      // per cluster
+  std::vector<unsigned> grid_arrived, grid_gen;  // [1]
+  unsigned cluster = 1;
+  std::function<void()> body;
+  bool capturing = false;
+  std::vector<std::function<void()>> captured;
   uint64_t switches = 0;
 };
 inline State& st() {
@@ -201,32 +249,31 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 
 inline void fiber_main() {
   State& s = st();
-  s.entry(s.entry_arg);
+  s.body();
   s.cur->done = true;
 }
 
-// Runs kernel(p) on a grid of G blocks of nthreads fibers each, round-robin until all finish.
-template <class P>
-cudaError_t launch(void (*kernel)(P), unsigned G, unsigned nthreads, void** args, size_t smem) {
+// Runs body() as every thread of a grid of G blocks of nthreads fibers (clusters of `cluster`
+// consecutive blocks) until all finish.
+inline cudaError_t launch_body(std::function<void()> body, unsigned G, unsigned nthreads, size_t smem,
+                               unsigned cluster = 1) {
   State& s = st();
-  P p = *static_cast<P*>(args[0]);
-  struct Thunk {
-    static void run(void* a) {
-      auto* pair = static_cast<std::pair<void (*)(P), P*>*>(a);
-      pair->first(*pair->second);
-    }
-  };
-  std::pair<void (*)(P), P*> pair{kernel, &p};
-  s.entry = &Thunk::run;
-  s.entry_arg = &pair;
+  if (G == 0 || nthreads == 0 || cluster == 0 || G % cluster != 0) return cudaErrorInvalidValue;
+  const unsigned warps = (nthreads + 31) / 32;
+  s.body = std::move(body);
   s.nthreads = nthreads;
+  s.cluster = cluster;
   s.fibers.assign(static_cast<size_t>(G) * nthreads, Fiber{});
   s.bar_arrived.assign(G, 0);
   s.bar_gen.assign(G, 0);
-  s.warp_arrived.assign(static_cast<size_t>(G) * (nthreads / 32), 0);
-  s.warp_gen.assign(static_cast<size_t>(G) * (nthreads / 32), 0);
-  s.mma_a.assign(static_cast<size_t>(G) * nthreads * 4, 0);
-  s.mma_b.assign(static_cast<size_t>(G) * nthreads * 2, 0);
+  s.cl_arrived.assign(G / cluster, 0);
+  s.cl_gen.assign(G / cluster, 0);
+  s.grid_arrived.assign(1, 0);
+  s.grid_gen.assign(1, 0);
+  s.warp_arrived.assign(static_cast<size_t>(G) * warps, 0);
+  s.warp_gen.assign(static_cast<size_t>(G) * warps, 0);
+  s.mma_a.assign(static_cast<size_t>(G) * warps * 32 * 4, 0);
+  s.mma_b.assign(static_cast<size_t>(G) * warps * 32 * 2, 0);
   s.smem.assign(G, std::vector<unsigned char>(smem + 16, 0xCD));  // poisoned
   gridDim = dim3(G);
   blockDim = dim3(nthreads);
@@ -242,9 +289,9 @@ cudaError_t launch(void (*kernel)(P), unsigned G, unsigned nthreads, void** args
     makecontext(&f.ctx, fiber_main, 0);
   }
   // Each pass runs every block with probability 1/2 (seeded: PP_EMU_SEED), so blocks drift apart
-  // as they may on a GPU; a missing grid barrier then lets a block read another's stale h.
+  // as they may on a GPU; a missing grid barrier then lets a block read another's stale data.
   const char* seed_env = std::getenv("PP_EMU_SEED");
-  uint64_t rng = seed_env ? std::strtoull(seed_env, nullptr, 10) : 1;
+  static uint64_t rng = seed_env ? std::strtoull(seed_env, nullptr, 10) : 1;
   std::vector<char> run_block(G);
   size_t live = s.fibers.size();
   while (live) {
@@ -271,6 +318,46 @@ cudaError_t launch(void (*kernel)(P), unsigned G, unsigned nthreads, void** args
   }
   s.fibers.clear();
   return cudaSuccess;
+}
+
+// Kernel with one by-value parameter, arguments as for cudaLaunchCooperativeKernel.
+template <class P>
+cudaError_t launch(void (*kernel)(P), unsigned G, unsigned nthreads, void** args, size_t smem) {
+  P p = *static_cast<P*>(args[0]);
+  return launch_body([kernel, p] { kernel(p); }, G, nthreads, smem);
+}
+
+// Any kernel, arguments as the void* array of cudaLaunchCooperativeKernel.
+template <class... A, size_t... I>
+cudaError_t launch_args(void (*kernel)(A...), dim3 g, dim3 b, void** args, size_t smem,
+                        std::index_sequence<I...>) {
+  std::tuple<A...> vals(*static_cast<A*>(args[I])...);
+  return launch_body([kernel, vals] { std::apply(kernel, vals); }, g.x, b.x, smem);
+}
+template <class... A>
+cudaError_t launch_args(void (*kernel)(A...), dim3 g, dim3 b, void** args, size_t smem) {
+  return launch_args(kernel, g, b, args, smem, std::index_sequence_for<A...>{});
+}
+
+// Any kernel, arguments by value (the <<<>>> launch).
+template <class... A, class... V>
+cudaError_t launch_values(void (*kernel)(A...), dim3 g, dim3 b, size_t smem, unsigned cluster, V... v) {
+  std::tuple<A...> vals(v...);
+  auto call = [kernel, vals] { std::apply(kernel, vals); };
+  if (st().capturing) {
+    st().captured.push_back([call, g, b, smem, cluster] { launch_body(call, g.x, b.x, smem, cluster); });
+    return cudaSuccess;
+  }
+  return launch_body(call, g.x, b.x, smem, cluster);
+}
+
+inline void grid_sync() {
+  State& s = st();
+  arrive_and_wait(s.grid_arrived, s.grid_gen, 0, static_cast<unsigned>(s.fibers.size()));
+}
+inline void cluster_sync() {
+  State& s = st();
+  arrive_and_wait(s.cl_arrived, s.cl_gen, s.cur->block / s.cluster, s.cluster * s.nthreads);
 }
 
 }  // namespace emu
@@ -300,6 +387,8 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
   const char* kb = std::getenv("PP_EMU_SMEM_KB");
   p->multiProcessorCount = sms ? std::atoi(sms) : 132;
   p->sharedMemPerBlockOptin = static_cast<size_t>(kb ? std::atoi(kb) : 227) * 1024;
+  p->sharedMemPerMultiprocessor = 228 * 1024;
+  p->l2CacheSize = 50 << 20;
   return cudaSuccess;
 }
 inline cudaError_t cudaDriverGetVersion(int* v) {
@@ -353,3 +442,84 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b)
   *ms = std::chrono::duration<float, std::milli>(*b - *a).count();
   return cudaSuccess;
 }
+
+// ---- more runtime stand-ins (latency_floor.cu) ----
+struct EmuGraph {
+  std::vector<std::function<void()>> launches;
+};
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+  *s = nullptr;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t = nullptr) { return cudaMemset(d, v, n); }
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
+  emu::st().capturing = true;
+  emu::st().captured.clear();
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* g) {
+  emu::st().capturing = false;
+  *g = new EmuGraph{std::move(emu::st().captured)};
+  emu::st().captured.clear();
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+  *e = new EmuGraph(*g);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t) {
+  for (auto& l : e->launches) l();
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) {
+  delete e;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphDestroy(cudaGraph_t g) {
+  delete g;
+  return cudaSuccess;
+}
+inline unsigned emu_cluster_of(const cudaLaunchConfig_t* cfg) {
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
+    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) return cfg->attrs[i].val.clusterDim.x;
+  }
+  return 1;
+}
+// The emulated chip holds PP_EMU_SMS / C clusters of C blocks.
+template <class F>
+cudaError_t cudaOccupancyMaxActiveClusters(int* n, F, const cudaLaunchConfig_t* cfg) {
+  cudaDeviceProp p;
+  cudaGetDeviceProperties(&p, 0);
+  *n = p.multiProcessorCount / static_cast<int>(emu_cluster_of(cfg));
+  return cudaSuccess;
+}
+template <class... A, class... V>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(A...), V... v) {
+  return emu::launch_values(kernel, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, emu_cluster_of(cfg), v...);
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() const { emu::grid_sync(); }
+};
+inline grid_group this_grid() { return {}; }
+struct cluster_group {
+  unsigned num_blocks() const { return emu::st().cluster; }
+  unsigned block_rank() const { return emu::st().cur->block % emu::st().cluster; }
+  void sync() const { emu::cluster_sync(); }
+  // The same offset in the shared memory of block `rank` of this cluster.
+  template <class T>
+  T* map_shared_rank(T* p, int rank) const {
+    emu::State& s = emu::st();
+    const size_t off = reinterpret_cast<unsigned char*>(p) - s.smem[s.cur->block].data();
+    const unsigned target = s.cur->block / s.cluster * s.cluster + static_cast<unsigned>(rank);
+    return reinterpret_cast<T*>(s.smem[target].data() + off);
+  }
+};
+inline cluster_group this_cluster() { return {}; }
+}  // namespace cooperative_groups

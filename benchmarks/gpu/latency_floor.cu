@@ -7,7 +7,13 @@
 //
 // STATUS: compiled (sm_90, sm_80) but never run on a GPU when this was written; the first GPU session
 // of issue 14 runs it through benchmarks/gpu/run_latency_floor.sh. Every number it prints is a
-// measurement of that run, nothing here is a result.
+// measurement of that run, nothing here is a result. Its kernels' logic was run under the host
+// emulation (benchmarks/gpu/host_emu.h; no timing meaning, no GPU memory model):
+//   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/lf_emu \
+//       benchmarks/gpu/latency_floor.cu
+//   PP_EMU_SMS=16 /tmp/lf_emu --check --threads 32 --smem-kb 0 --steps 16
+// where every row saw its own step's values and the no-barrier control reported errors; with the
+// flag barrier's wait or the cluster.sync() removed, every flag and cluster row reported errors.
 //
 // Variants (each row: one configuration, T steps, the median over R timed repetitions):
 //   launch      T launches of an empty kernel on one stream (the per-step design's floor)
@@ -40,8 +46,12 @@
 // clock, UTC date, command line). Exit status: 0 all rows ran without errors; 1 an error count or a
 // CUDA error; 2 no CUDA device; 3 bad arguments.
 
+#ifdef PP_HOST_EMU
+#include "host_emu.h"  // runs the kernels' logic on the CPU (see host_emu.h)
+#else
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -76,6 +86,14 @@ __host__ __device__ inline uint32_t h_value(int t, int b, int j) {
          static_cast<uint32_t>(j);
 }
 
+#ifdef PP_HOST_EMU
+inline void arrive_release(unsigned* counter) { ++*counter; }
+inline unsigned load_acquire(const unsigned* counter) {
+  emu::yield();  // a spinning thread lets the others run
+  return *counter;
+}
+#define DYNAMIC_SMEM(name) uint32_t* name = reinterpret_cast<uint32_t*>(emu::block_smem())
+#else
 __device__ __forceinline__ void arrive_release(unsigned* counter) {
   asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
@@ -84,6 +102,8 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* counter) {
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
   return v;
 }
+#define DYNAMIC_SMEM(name) extern __shared__ uint32_t name[]
+#endif
 
 // The hand-rolled grid barrier. Thread 0 arrives after the whole block has written (the
 // __syncthreads before), with release semantics at GPU scope, so its arrival publishes the block's
@@ -138,7 +158,7 @@ __device__ __forceinline__ void read_all(const uint32_t* buf, int t, int B, int 
 template <Sync kSync, bool kExchange>
 __global__ void grid_steps(int t0, int T, int B, int H, unsigned* counter, uint32_t* hbuf,
                            uint32_t* flags, unsigned* errors, uint32_t* sink) {
-  extern __shared__ uint32_t smem[];
+  DYNAMIC_SMEM(smem);
   const int G = gridDim.x, k = blockIdx.x;
   int lo, hi;
   slice_of(k, G, H, lo, hi);
@@ -179,7 +199,7 @@ __global__ void grid_steps(int t0, int T, int B, int H, unsigned* counter, uint3
 template <bool kExchange>
 __global__ void launch_step(int t, int B, int H, uint32_t* hbuf, uint32_t* flags, unsigned* errors,
                             uint32_t* sink) {
-  extern __shared__ uint32_t smem[];
+  DYNAMIC_SMEM(smem);
   const int G = gridDim.x, k = blockIdx.x, total = B * H;
   unsigned bad = 0;
   uint32_t acc = 0;
@@ -213,8 +233,8 @@ __global__ void launch_step(int t, int B, int H, uint32_t* hbuf, uint32_t* flags
 template <bool kExchange>
 __global__ void cluster_steps(int T, int B, int H, unsigned* errors, uint32_t* sink,
                               unsigned* supported) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ uint32_t smem[];
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(PP_HOST_EMU)
+  DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
   const int r = static_cast<int>(cluster.block_rank());
@@ -276,16 +296,50 @@ __global__ void cluster_steps(int T, int B, int H, unsigned* errors, uint32_t* s
 
 // Spins for about `ns` nanoseconds of %globaltimer and reports the SM cycles that took: the clock
 // the SMs actually ran at (they idle far below their maximum between runs).
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+#ifdef PP_HOST_EMU
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+#else
+  uint64_t g;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
+  return g;
+#endif
+}
+
 __global__ void clock_probe(uint64_t ns, unsigned long long* out) {
-  uint64_t g0, g1;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g0));
+  const uint64_t g0 = globaltimer_ns();
+  uint64_t g1;
   const long long c0 = clock64();
   do {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g1));
+    g1 = globaltimer_ns();
   } while (g1 - g0 < ns);
   const long long c1 = clock64();
   out[0] = static_cast<unsigned long long>(c1 - c0);
   out[1] = g1 - g0;
+}
+
+// Launch helpers: the device build uses the runtime; the host emulation runs the kernel's logic.
+template <class... A>
+cudaError_t launch_coop(void (*kernel)(A...), dim3 grid, dim3 block, void** args, size_t smem,
+                        cudaStream_t stream) {
+#ifdef PP_HOST_EMU
+  (void)stream;
+  return emu::launch_args(kernel, grid, block, args, smem);
+#else
+  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, smem, stream);
+#endif
+}
+template <class... A, class... V>
+cudaError_t launch_plain(void (*kernel)(A...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, V... v) {
+#ifdef PP_HOST_EMU
+  (void)stream;
+  return emu::launch_values(kernel, grid, block, smem, 1, v...);
+#else
+  kernel<<<grid, block, smem, stream>>>(v...);
+  return cudaGetLastError();
+#endif
 }
 
 struct Options {
@@ -422,15 +476,15 @@ struct Bench {
       void* args[] = {&t0, &T, &B, &H, &counter, &hbuf, &flags, &errors, &sink};
       // The flag barrier needs co-residency as much as grid.sync() does; a cooperative launch
       // makes the runtime refuse a grid that would not be.
-      CK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(G), dim3(opt.threads),
-                                     args, smem, stream));
+      CK(launch_coop(kernel, dim3(G), dim3(opt.threads), args, smem, stream));
     });
   }
 
   template <bool kExchange>
   void enqueue_launches(int G, int B, int H, size_t smem) {
     for (int t = 0; t < opt.steps; ++t) {
-      launch_step<kExchange><<<G, opt.threads, smem, stream>>>(t, B, H, hbuf, flags, errors, sink);
+      CK(launch_plain(launch_step<kExchange>, dim3(G), dim3(opt.threads), smem, stream, t, B, H, hbuf,
+                      flags, errors, sink));
     }
   }
 
@@ -550,8 +604,7 @@ struct Bench {
     unsigned long long* d;
     unsigned long long h[2];
     CK(cudaMalloc(&d, sizeof h));
-    clock_probe<<<1, 1, 0, stream>>>(20000000ull, d);
-    CK(cudaGetLastError());
+    CK(launch_plain(clock_probe, dim3(1), dim3(1), 0, stream, uint64_t{20000000ull}, d));
     CK(cudaStreamSynchronize(stream));
     CK(cudaMemcpy(h, d, sizeof h, cudaMemcpyDeviceToHost));
     CK(cudaFree(d));
@@ -640,11 +693,15 @@ int main(int argc, char** argv) {
   // clock is read and anything is timed.
   {
     const int G = std::min(sms, 64);
+#ifdef PP_HOST_EMU
+    int t0 = 0, T = 4, B = 1, H = 256;  // the emulation has no clock to warm up
+#else
     int t0 = 0, T = 100000, B = 1, H = 256;
+#endif
     void* args[] = {&t0, &T, &B, &H, &bench.counter, &bench.hbuf, &bench.flags, &bench.errors, &bench.sink};
     bench.reset(B, H);
-    CK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(grid_steps<Sync::kCoop, false>), dim3(G),
-                                   dim3(opt.threads), args, bench.smem_bytes(B, H, 0), bench.stream));
+    CK(launch_coop(grid_steps<Sync::kCoop, false>, dim3(G), dim3(opt.threads), args,
+                   bench.smem_bytes(B, H, 0), bench.stream));
     CK(cudaStreamSynchronize(bench.stream));
   }
   const double mhz_before = bench.measure_clock_mhz();
