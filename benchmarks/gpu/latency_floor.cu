@@ -9,7 +9,7 @@
 // of issue 14 runs it through benchmarks/gpu/run_latency_floor.sh. Every number it prints is a
 // measurement of that run, nothing here is a result. Its kernels' logic was run under the host
 // emulation (benchmarks/gpu/host_emu.h; no timing meaning, no GPU memory model):
-//   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/lf_emu \
+//   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/lf_emu
 //       benchmarks/gpu/latency_floor.cu
 //   PP_EMU_SMS=16 /tmp/lf_emu --check --threads 32 --smem-kb 0 --steps 16
 // where every row saw its own step's values and the no-barrier control reported errors; with the
