@@ -204,6 +204,35 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   return panels;
 }
 
+// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions given).
+template <typename T>
+inline void transpose_block(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,
+                            int64_t ldd) {
+  constexpr int64_t kT = 8;  // tiles keep both sides' cache lines in L1
+  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
+    const int64_t r1 = std::min(rows, r0 + kT);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+}
+
+// Whether the recurrent matmul reads w_hh in place (see forward_impl) rather than from panels packed
+// for the call. Packing costs about one strided pass over w_hh; the panels repay it when there are
+// many steps. FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
+inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
+  static const int forced = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_WHH");
+    if (env == nullptr) return 0;
+    if (std::strcmp(env, "direct") == 0) return 1;
+    if (std::strcmp(env, "packed") == 0) return 2;
+    return 0;
+  }();
+  if (forced != 0) return forced == 1;
+  if (!cpu::brgemm_usable()) return true;
+  return T <= 4;
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
   for (int64_t j = 0; j < n; ++j) {
@@ -236,21 +265,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
-  // Blocks of hidden units: small enough to share a step among threads, but a step too small to be
-  // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call. Up to batch 2 the
-  // matmul reads w_hh's rows directly; above it, brgemm reads per-block panels packed once per call.
-  const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
-  const int64_t threads = at::get_num_threads();
-  const int64_t nb = one_block ? (H + 15) / 16 * 16
-                               : std::clamp<int64_t>((H / threads + 15) / 16 * 16, 16, 64);
+  // Blocks of nb hidden units, each one matmul and one fused update on one thread. nb is fixed by H
+  // alone, never by the thread count, so that every block computes the same sums in the same order
+  // whichever thread runs it: the results do not depend on the number of threads.
+  //   batch <= 2: dot products with w_hh's rows (nothing packed);
+  //   `direct`: rec^T[4nb, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
+  //     transposed (a [P, B] copy per step, cheap): no packing, for calls with few steps (decoding)
+  //     and where brgemm is unavailable (BLAS packs internally anyway);
+  //   otherwise brgemm on per-block panels of w_hh packed once per call ([blocks, P, 4nb]), which
+  //     keeps a wide batch in full vectors and pays off over many steps.
+  // Packed on every call, never cached: a cache keyed on the weight's version counter would miss
+  // in-place writes through `.data`, which do not bump it.
+  const int64_t nb = std::min<int64_t>(64, (H + 15) / 16 * 16);
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
+  const bool direct = !dot_rows && use_direct_recurrence(T, B, H, P);
   const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
-  // Packed on every call: a cache keyed on the weight's version counter would miss in-place writes
-  // through `.data`, which do not bump it.
-  const at::Tensor panels = dot_rows ? at::Tensor() : pack_gate_panels<acc_t>(w_hh_a, H, nb);
+  const at::Tensor panels =
+      dot_rows || direct ? at::Tensor() : pack_gate_panels<acc_t>(w_hh_a, H, nb);
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
-  at::Tensor scratch = at::empty({at::get_num_threads(), B, 4 * nb}, acc);
+  // Per thread: the block's recurrent pre-activations [B, 4nb] and, for `direct`, their transpose.
+  at::Tensor scratch = at::empty({at::get_num_threads(), direct ? 2 : 1, B, 4 * nb}, acc);
+  at::Tensor hT_buf = direct ? at::empty({2, P, B}, acc) : at::Tensor();  // h^T of h_buf
+  if (direct) hT_buf[0].copy_(h0.t());
 
   at::Tensor output = at::empty({T, B, P}, input.options());
   at::Tensor cells = training ? at::empty({T, B, H}, acc) : at::Tensor();
@@ -263,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const Activity act = make_activity(lengths, B);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
+  const acc_t* w_hh_p = w_hh_a.data_ptr<acc_t>();
   int64_t t_lo = 0;  // first time index held by gates_a
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
@@ -281,16 +319,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           : m_step.data_ptr<acc_t>();
     const acc_t* h_cur = h_buf.data_ptr<acc_t>() + (step % 2) * B * P;
     acc_t* h_next = h_buf.data_ptr<acc_t>() + ((step + 1) % 2) * B * P;
+    const acc_t* hT_cur = direct ? hT_buf.data_ptr<acc_t>() + (step % 2) * P * B : nullptr;
+    acc_t* hT_next = direct ? hT_buf.data_ptr<acc_t>() + ((step + 1) % 2) * P * B : nullptr;
 
     at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
-      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * B * 4 * nb;
+      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j0 = k * nb, n = std::min(nb, H - j0);
         if (dot_rows) {
           for (int q = 0; q < 4 && rows > 0; ++q) {
-            cpu::gemm_nt_small<acc_t>(rows, n, P, h_cur, P, w_hh_a.data_ptr<acc_t>() + (q * H + j0) * P,
-                                      P, rec + q * nb, 4 * nb);
+            cpu::gemm_nt_small<acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
+                                      rec + q * nb, 4 * nb);
           }
+        } else if (direct) {
+          acc_t* recT = rec + B * 4 * nb;  // [4nb, B]: row q * nb + jj is gate q of unit j0 + jj
+          for (int q = 0; q < 4 && rows > 0; ++q) {
+            cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
+                                    recT + q * nb * B, B);
+          }
+          transpose_block(4 * nb, rows, recT, B, rec, 4 * nb);
         } else {
           cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
                                   panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * nb);
@@ -312,6 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               cp + b * H + j0, cell_t + b * H + j0, m);
           if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
         }
+        if (direct && !has_proj) transpose_block(B, n, h_next + j0, P, hT_next + j0 * B, B);
       }
     });
 
@@ -327,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
         }
       }
+      if (direct) transpose_block(B, P, h_next, P, hT_next, B);
     }
   }
 
