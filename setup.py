@@ -1,5 +1,6 @@
-"""Builds fastlstm._C: the CPU ops always, the CUDA ops when torch is a CUDA build and a CUDA toolkit
-is found.
+"""Builds fastlstm._C (the op schemas, and the CUDA ops when torch is a CUDA build and a CUDA toolkit
+is found) and the CPU ops once per instruction set, as fastlstm._cpu_<isa>: fastlstm/_loader.py imports
+the best one this CPU runs (as ATen's CPU_CAPABILITY dispatch does), so one build runs everywhere.
 
 Environment switches:
   FASTLSTM_CUDA=1     build the CUDA ops (fails if torch or the toolkit cannot)
@@ -7,7 +8,9 @@ Environment switches:
   (unset)             build them when torch.version.cuda is set and CUDA_HOME is found
   MAX_JOBS            parallel compile jobs (torch.utils.cpp_extension, ninja)
   TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "8.0;9.0" (default: 8.0 and 9.0)
-  FASTLSTM_CPU_ISA    avx2 (default on x86-64) or generic
+  FASTLSTM_CPU_ISA    the highest CPU instruction set to build: avx512 (default on x86-64), avx2 or
+                      generic (portable; the only one elsewhere). At run time the same variable caps
+                      the one that is used (fastlstm/_loader.py).
   FASTLSTM_DEBUG=1    -O0 -g
 """
 import glob
@@ -36,49 +39,79 @@ def _want_cuda():
     return available
 
 
-def _cpu_isa_flags():
-    # The vectorised gate math uses at::vec's AVX2 path on x86-64 (fastlstm/_loader.py refuses to load
-    # this build on a CPU without AVX2). FASTLSTM_CPU_ISA=generic builds portable scalar code.
-    isa = os.environ.get("FASTLSTM_CPU_ISA", "avx2")
-    if isa == "generic" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    if isa != "avx2":
-        raise RuntimeError(f"FASTLSTM_CPU_ISA must be 'avx2' or 'generic', got {isa!r}")
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# Compiler flags per CPU build, lowest first; the at::vec code (gate math, packing, GEMV) follows
+# CPU_CAPABILITY. These must match what fastlstm/_loader.py requires of the CPU before importing one.
+CPU_ISAS = {
+    "generic": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _cpu_isas():
+    """The CPU builds to make: every one up to FASTLSTM_CPU_ISA on x86-64, generic elsewhere."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["generic"]
+    top = os.environ.get("FASTLSTM_CPU_ISA", "avx512")
+    names = list(CPU_ISAS)
+    if top not in names:
+        raise RuntimeError(f"FASTLSTM_CPU_ISA must be one of {names}, got {top!r}")
+    return names[: names.index(top) + 1]
 
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-def extension():
+def extensions():
     debug = os.environ.get("FASTLSTM_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas"] + _cpu_isa_flags()
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    kwargs = dict(extra_link_args=["-fopenmp"])
+    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas"]
+    kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
+    exts = []
+    for isa in _cpu_isas():
+        name = f"_cpu_{isa}"
+        exts.append(cpp_extension.CppExtension(
+            f"fastlstm.{name}",
+            _sources("csrc/cpu/*.cpp"),
+            define_macros=[("FASTLSTM_CPU_MODULE", name)],
+            extra_compile_args={"cxx": cxx + CPU_ISAS[isa]},
+            **kwargs,
+        ))
+    # Schemas and CUDA host code: no CPU-specific instructions, so it loads on any CPU.
+    sources = _sources("csrc/*.cpp")
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/kernels/*.cu")
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-        return cpp_extension.CUDAExtension(
+        exts.append(cpp_extension.CUDAExtension(
             "fastlstm._C",
             sources,
             define_macros=[("FASTLSTM_WITH_CUDA", None)],
-            include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **kwargs,
-        )
-    return cpp_extension.CppExtension(
-        "fastlstm._C",
-        sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": cxx},
-        **kwargs,
-    )
+        ))
+    else:
+        exts.append(cpp_extension.CppExtension(
+            "fastlstm._C", sources, extra_compile_args={"cxx": cxx}, **kwargs))
+    return exts
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """One object folder per extension: the CPU builds compile the same sources with different flags,
+    and must never link one another's objects."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
 
 setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -1,27 +1,98 @@
-"""Loads the compiled ops (fastlstm._C) when they can run here; otherwise fastlstm uses
-fastlstm.reference and says so once."""
+"""Loads the compiled ops when they can run here; otherwise fastlstm uses fastlstm.reference and says
+so once.
+
+fastlstm._C holds the op schemas (and the CUDA kernels); the CPU kernels are built once per
+instruction set (setup.py) as fastlstm._cpu_avx512, _cpu_avx2 and _cpu_generic, and exactly one is
+imported: the highest that both this CPU (its /proc/cpuinfo flags) and torch
+(`torch.backends.cpu.get_cpu_capability()`, which honours ATEN_CPU_CAPABILITY) support, capped by
+FASTLSTM_CPU_ISA if set. Importing a build whose instructions the CPU lacks would crash the process
+with an illegal instruction, so the choice is made before any of its code runs.
+"""
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 import warnings
 
 import torch
 
+# Lowest first. Each entry: the /proc/cpuinfo flags the build's compiler flags (setup.py) assume,
+# and the torch CPU capabilities under which it may run.
+ISAS = {
+    "generic": (frozenset(), {"DEFAULT", "AVX2", "AVX512"}),
+    "avx2": (frozenset({"avx2", "fma", "f16c"}), {"AVX2", "AVX512"}),
+    "avx512": (frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}), {"AVX512"}),
+}
+
 _error: str | None = None
+_isa: str | None = None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags from /proc/cpuinfo, or None where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def choose_isa(flags: frozenset[str] | None, torch_capability: str, requested: str | None,
+               built: list[str], x86: bool = True) -> str | None:
+    """The CPU build to import: the highest in `built` that the flags and torch's capability allow
+    and that is not above `requested` (FASTLSTM_CPU_ISA). Unknown flags (None) allow only what
+    torch's capability implies. None if nothing fits (then the reference implementation runs)."""
+    names = list(ISAS)
+    cap = names.index(requested) if requested in ISAS else len(names) - 1
+    for name in reversed(names[: cap + 1]):
+        need, capabilities = ISAS[name]
+        if name not in built:
+            continue
+        if not x86:
+            if name == "generic":
+                return name
+            continue
+        if torch_capability not in capabilities:
+            continue
+        if flags is not None and not need <= flags:
+            continue
+        return name
+    return None
+
+
+def built_isas() -> list[str]:
+    return [name for name in ISAS if importlib.util.find_spec(f"{__package__}._cpu_{name}") is not None]
 
 
 def _load() -> bool:
-    global _error
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        # The x86 build uses AVX2 (setup.py); loading it on an older CPU would crash.
-        _error = "this CPU lacks AVX2, which the compiled ops were built for"
-        return False
+    global _error, _isa
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.fastlstm.*)
+        from . import _C  # noqa: F401  (registers the op schemas, and the CUDA kernels if built)
     except ImportError as e:
         _error = f"{type(e).__name__}: {e}"
         return False
+    requested = os.environ.get("FASTLSTM_CPU_ISA") or None
+    if requested is not None and requested not in ISAS:
+        warnings.warn(f"fastlstm: FASTLSTM_CPU_ISA={requested!r} is not one of {list(ISAS)}; ignored",
+                      RuntimeWarning, stacklevel=3)
+        requested = None
+    built = built_isas()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa = choose_isa(cpu_flags(), torch.backends.cpu.get_cpu_capability(), requested, built, x86)
+    if isa is None:
+        _error = (f"no CPU build of fastlstm runs on this CPU (built: {built or 'none'}, torch CPU "
+                  f"capability {torch.backends.cpu.get_cpu_capability()})")
+        return False
+    try:
+        importlib.import_module(f"{__package__}._cpu_{isa}")  # registers the CPU kernels
+    except ImportError as e:
+        _error = f"{type(e).__name__}: {e}"
+        return False
+    _isa = isa
     return True
 
 
@@ -38,3 +109,9 @@ if not LOADED:
 def load_error() -> str | None:
     """Why the compiled ops could not be loaded, or None."""
     return _error
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the CPU kernels in use ("avx512", "avx2" or "generic"), or None when
+    they are not loaded."""
+    return _isa
