@@ -11,6 +11,7 @@ Environment switches:
   FASTLSTM_CPU_ISA    the highest CPU instruction set to build: avx512 (default on x86-64), avx2 or
                       generic (portable; the only one elsewhere). At run time the same variable caps
                       the one that is used (fastlstm/_loader.py).
+  FASTLSTM_CPU_BUILDS comma-separated subset of those to build (development: faster rebuilds)
   FASTLSTM_DEBUG=1    -O0 -g
 """
 import glob
@@ -57,7 +58,9 @@ def _cpu_isas():
     names = list(CPU_ISAS)
     if top not in names:
         raise RuntimeError(f"FASTLSTM_CPU_ISA must be one of {names}, got {top!r}")
-    return names[: names.index(top) + 1]
+    isas = names[: names.index(top) + 1]
+    only = os.environ.get("FASTLSTM_CPU_BUILDS")
+    return [isa for isa in isas if isa in only.split(",")] if only else isas
 
 
 def _sources(pattern):

@@ -170,3 +170,38 @@ def test_torch_capability_override_is_honoured(tmp_path):
     # ATEN_CPU_CAPABILITY=avx2 makes torch behave as on an AVX2-only host; fastlstm must follow.
     forced = _forced_results(tmp_path, {"ATEN_CPU_CAPABILITY": "avx2"})
     assert forced.pop("isa") in ("avx2", "generic")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bfloat16: native bf16 matmuls on CPUs with avx512_bf16, float32 on converted copies elsewhere
+# (FASTLSTM_CPU_BF16=float forces the latter). Both must stay within torch's own bf16 error.
+
+@pytest.mark.parametrize("lengths, batch", [(None, 1), (None, 6), ("sorted", 6), ("unsorted", 6)])
+def test_bfloat16_varlen_bidirectional_error_within_torch_error(lengths, batch):
+    from torch.nn.utils.rnn import pack_padded_sequence
+    T, I, H = 12, 16, 40
+    lens = {None: None, "sorted": [12, 10, 7, 7, 3, 1], "unsorted": [7, 12, 1, 10, 3, 7]}[lengths]
+    ref64 = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fast = fastlstm.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.bfloat16)
+    fast.load_state_dict(ref64.state_dict())
+    torch_bf16 = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, dtype=torch.bfloat16)
+    torch_bf16.load_state_dict(ref64.state_dict())
+    x = torch.randn(T, batch, I).to(torch.bfloat16)
+
+    def run_model(model, dtype):
+        xx = x.to(dtype).requires_grad_()
+        inp = xx if lens is None else pack_padded_sequence(xx, torch.tensor(lens), enforce_sorted=lengths == "sorted")
+        out, (h, c) = model(inp)
+        data = out if lens is None else out.data
+        w = torch.linspace(-1, 1, data.numel(), dtype=torch.float64).view_as(data).to(dtype)
+        grads = torch.autograd.grad((data * w).sum() + h.sum() + c.sum(), [xx, *model.parameters()])
+        return [t.double() for t in (data, h, c, *grads)]
+
+    gold = run_model(ref64, torch.float64)
+    ours = run_model(fast, torch.bfloat16)
+    theirs = run_model(torch_bf16, torch.bfloat16)
+    names = ["output", "h_n", "c_n", "grad input"] + [n for n, _ in ref64.named_parameters()]
+    for name, g, o, t in zip(names, gold, ours, theirs):
+        scale = max(1.0, g.abs().max().item())
+        err_ours, err_theirs = (o - g).abs().max().item(), (t - g).abs().max().item()
+        assert err_ours <= 2 * err_theirs + 2 ** -8 * scale, (name, err_ours, err_theirs)
