@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -325,29 +326,45 @@ void matmul_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   });
 }
 
-// C[M, N] (ldc) (+)= A[M, K] (lda) @ B[K, N] (ldb), all row-major and read in place, float32 on
-// brgemm: in parallel over 128 x 64 tiles of C, each summing K in chunks of 512 (a chunk of A and
-// of B stays in L2). The tiles and chunks are fixed by the shape alone, so the result does not
-// depend on the thread count. For the backward's large GEMMs: on AMD CPUs the MKL in torch's
-// wheels runs float32 at about half of brgemm's rate (cpu-limit.md, NOTES.md entry 12).
-inline void matmul_blocked(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// C[M, N] (ldc) (+)= At^T @ B for At [K, M] (lda) and B [K, N] (ldb), row-major, float32 on
+// brgemm: a weight gradient (sum over the T*B rows of input^T @ dG), with B read in place. K is taken
+// in chunks of 512: each chunk of At is transposed into a small buffer (so no transposed copy of the
+// whole input is ever held), then all 128 x 64 tiles of C accumulate it in parallel. Chunks and
+// tiles are fixed by the shape alone, so the result does not depend on the thread count. For the
+// backward's large GEMMs: on AMD CPUs the MKL in torch's wheels runs float32 at about half of
+// brgemm's rate (cpu-limit.md, NOTES.md entry 12).
+inline void matmul_tn_blocked(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda,
+                              const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t mt = 128, nt = 64, kc = 512;
-  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
   if (M == 0 || N == 0) return;
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / n_tiles) * mt, n0 = (tile % n_tiles) * nt;
-      const int64_t m = std::min(mt, M - m0), n = std::min(nt, N - n0);
-      if (K == 0 && !accumulate) {
-        for (int64_t i = 0; i < m; ++i) std::fill(C + (m0 + i) * ldc + n0, C + (m0 + i) * ldc + n0 + n, 0.f);
-      }
-      for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        at::native::cpublas::brgemm(m, n, std::min(kc, K - k0), lda, ldb, ldc, accumulate || k0 > 0,
-                                    A + m0 * lda + k0, B + k0 * ldb + n0, C + m0 * ldc + n0, false);
-      }
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     }
-  });
+    return;
+  }
+  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  std::vector<float> buf(M * kc);  // [M, kc]: this chunk of At, transposed
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k = std::min(kc, K - k0);
+    at::parallel_for(0, (M + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t m0 = b0 * 16; m0 < std::min(M, b1 * 16); m0 += 16) {
+        const int64_t m1 = std::min(M, m0 + 16);
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const float* src = At + (k0 + kk) * lda;
+          for (int64_t m = m0; m < m1; ++m) buf[m * kc + kk] = src[m];
+        }
+      }
+    });
+    at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = (tile / n_tiles) * mt, n0 = (tile % n_tiles) * nt;
+        at::native::cpublas::brgemm(std::min(mt, M - m0), std::min(nt, N - n0), k, kc, ldb, ldc,
+                                    accumulate || k0 > 0, buf.data() + m0 * kc, B + k0 * ldb + n0,
+                                    C + m0 * ldc + n0, false);
+      }
+    });
+  }
 }
 
 // w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.

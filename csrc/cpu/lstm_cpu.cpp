@@ -548,16 +548,15 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     if (blocked) {
       // grad_input = dG @ w_ih (w_ih as column panels: cheap row copies). The weight gradients are
       // computed transposed, grad_w^T = in^T @ dG, so that dG (the larger operand) is read in place
-      // and only the input is transposed.
+      // and only chunks of the input are transposed.
       const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
       const at::Tensor w_ih_panels = cpu::column_panels<float>(w_ih_a.data_ptr<float>(), 4 * H, I, kPanel, acc);
       grad_input = at::empty({T, B, I}, acc);
       cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, 4 * H, w_ih_panels, kPanel,
                                 grad_input.data_ptr<float>(), I);
-      const at::Tensor xT = x2.t().contiguous();  // [I, T*B]
       at::Tensor gw_ih_t = at::empty({I, 4 * H}, acc);
-      cpu::matmul_blocked(I, 4 * H, T * B, xT.data_ptr<float>(), T * B, dG_all, 4 * H,
-                          gw_ih_t.data_ptr<float>(), 4 * H, false);
+      cpu::matmul_tn_blocked(I, 4 * H, T * B, x2.data_ptr<float>(), I, dG_all, 4 * H,
+                             gw_ih_t.data_ptr<float>(), 4 * H, false);
       grad_w_ih = gw_ih_t.t().contiguous();
     }
   }
@@ -577,10 +576,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
                                    .reshape({(T - 1) * B, P});
     if (blocked) {
-      const at::Tensor hT = h_shift.t().contiguous();  // [P, (T-1)*B]
-      cpu::matmul_blocked(P, 4 * H, (T - 1) * B, hT.data_ptr<float>(), (T - 1) * B,
-                          reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
-                          reinterpret_cast<float*>(gw_hh_t.data_ptr<acc_t>()), 4 * H, true);
+      const at::Tensor h_rows = h_shift.contiguous();  // a view of the output already, for float32
+      cpu::matmul_tn_blocked(P, 4 * H, (T - 1) * B, reinterpret_cast<const float*>(h_rows.data_ptr()), P,
+                             reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
+                             reinterpret_cast<float*>(gw_hh_t.data_ptr<acc_t>()), 4 * H, true);
     } else {
       gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
     }
