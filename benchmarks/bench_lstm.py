@@ -43,6 +43,7 @@ class Shape:
     variable_length: bool = False
     P: int = 0  # proj_size
     low_precision_on_cpu: bool = False  # bfloat16 in the CPU grid under --dtype all
+    decode: bool = False  # step-by-step decoding: T calls with one timestep each, state carried (inference only)
 
     @property
     def dirs(self):
@@ -82,6 +83,7 @@ CPU_GRID = [
     Shape("h128", 100, 64, 128, 128),
     Shape("h1024", 100, 16, 1024, 1024),
     Shape("varlen", 100, 64, 256, 256, variable_length=True),
+    Shape("decode-h512", 100, 16, 512, 512, decode=True),
 ]
 
 QUICK_GRID = [
@@ -178,6 +180,7 @@ class Inputs:
         self.grad_output = randn(*out_shape)
         self.grad_h_n = randn(*self.h0.shape)
         self.grad_c_n = randn(*self.c0.shape)
+        self.decode = shape.decode
 
     def to(self, dtype):
         """The same values in another dtype (for the float64 reference)."""
@@ -192,6 +195,7 @@ class Inputs:
         for name in ("h0", "c0", "grad_output", "grad_h_n", "grad_c_n"):
             setattr(other, name, getattr(self, name).to(dtype))
         other.tokens = self.tokens
+        other.decode = self.decode
         return other
 
 
@@ -199,9 +203,18 @@ def output_data(out):
     return out.data if isinstance(out, PackedSequence) else out
 
 
+def decode_steps(model, inp):
+    """One call per timestep (x[t:t+1]), the state carried between calls, as a decoder runs."""
+    state, outs = (inp.h0, inp.c0), []
+    for t in range(inp.x.shape[0]):
+        out, state = model(inp.x[t : t + 1], state)
+        outs.append(out)
+    return torch.cat(outs), state
+
+
 def run_forward(model, inp):
     with torch.inference_mode():
-        out, (h, c) = model(inp.input, (inp.h0, inp.c0))
+        out, (h, c) = decode_steps(model, inp) if inp.decode else model(inp.input, (inp.h0, inp.c0))
     return {"output": output_data(out), "h_n": h, "c_n": c}
 
 
@@ -225,7 +238,10 @@ def step_fn(model, inp, mode):
 
         def step():
             with torch.inference_mode():
-                model(inp.input, (inp.h0, inp.c0))
+                if inp.decode:
+                    decode_steps(model, inp)
+                else:
+                    model(inp.input, (inp.h0, inp.c0))
 
     else:
 
@@ -411,6 +427,8 @@ def measure(impl, shape, dtype_name, modes, device, cfg, tf32):
         return [dict(base_row, mode=m, **error_fields("error", f"setup: {type(e).__name__}: {e}")) for m in modes]
     flops = gate_flops(shape, inp.tokens)
     for mode in modes:
+        if shape.decode and mode == "training":
+            continue  # decoding is inference
         row = dict(base_row, mode=mode, tokens=inp.tokens)
         try:
             run = run_forward if mode == "inference" else run_training
@@ -658,6 +676,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# The CPU features that decide which kernels run (torch's and fastlstm's) and so which host kind a
+# result belongs to (AVX2-only hosts have no native bfloat16: torch's bf16 is slow there).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_host_info(impl):
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    loader = getattr(impl, "_loader", None)
+    isa = loader.cpu_isa() if loader is not None and hasattr(loader, "cpu_isa") else None
+    return {
+        "cpu_flags": {k: k in flags for k in CPU_FLAGS},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fastlstm_cpu_isa": isa,
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
@@ -681,7 +720,7 @@ def main(argv=None):
     modes = list(MODES) if args.mode == "both" else [args.mode]
     if args.list:
         for shape, dtype in items:
-            flags = " ".join(k for k in ("bidirectional", "variable_length") if getattr(shape, k))
+            flags = " ".join(k for k in ("bidirectional", "variable_length", "decode") if getattr(shape, k))
             print(
                 f"{shape.name:22s} {dtype:9s} T={shape.T} B={shape.B} I={shape.I} H={shape.H}"
                 + (f" P={shape.P}" if shape.P else "")
@@ -693,6 +732,8 @@ def main(argv=None):
 
     impl = _common.load_impl(args.impl_module)
     env = _common.environment(device, impl)
+    if device.type == "cpu":
+        env.update(cpu_host_info(impl))
     env.update(
         tf32={
             "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -714,6 +755,10 @@ def main(argv=None):
         + f"; torch {env['torch']}; {len(items)} shape/dtype pairs x {len(modes)} modes",
         flush=True,
     )
+    if device.type == "cpu":
+        flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["cpu_flags"].items())
+        print(f"CPU flags: {flags}; torch CPU capability {env['torch_cpu_capability']}; "
+              f"fastlstm CPU kernels {env['fastlstm_cpu_isa']}", flush=True)
     if device.type == "cpu" and os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.1f} before starting: other processes share the CPU")
     if env["fastlstm_backend"] == "reference":

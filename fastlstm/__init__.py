@@ -5,13 +5,13 @@
     cell = fastlstm.LSTMCell(10, 20)               # same arguments as torch.nn.LSTMCell
     model = fastlstm.replace_lstm(model)           # swap every torch.nn.LSTM (and LSTMCell)
     fastlstm.backend("cpu")                        # "compiled" or "reference"
-    fastlstm.library_path()                        # the op library, for C++ programs
+    fastlstm.library_paths()                       # the op libraries, for C++ programs
 """
 from . import onnx, ops, reference
 from .cell import LSTMCell
 from .lstm import LSTM, replace_lstm
-from ._loader import library_path
+from ._loader import library_paths
 from .ops import backend
 
-__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "library_path", "onnx", "ops", "reference"]
+__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "library_paths", "onnx", "ops", "reference"]
 __version__ = "0.1.0"

@@ -9,8 +9,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -93,6 +95,96 @@ inline bool brgemm_usable() {
 #endif
 }
 
+// Whether brgemm multiplies bfloat16 natively here (oneDNN's micro-kernel with avx512_bf16 or AMX;
+// elsewhere bfloat16 is computed in float32). Probed once on a small product with exact result;
+// FASTLSTM_CPU_BF16=float turns it off (for comparisons).
+inline bool brgemm_bf16_usable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_BF16");
+    if (env != nullptr && std::strcmp(env, "float") == 0) return false;
+    // Without avx512_bf16 (or AMX) oneDNN would emulate the dot products: slower than float32.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (!__builtin_cpu_supports("avx512bf16")) return false;
+#else
+    return false;
+#endif
+    if (!brgemm_usable()) return false;
+    constexpr int n = 16;
+    at::BFloat16 a[n * n], b[n * n];
+    float c[n * n];
+    for (int i = 0; i < n; ++i) {
+      for (int k = 0; k < n; ++k) {
+        a[i * n + k] = float((i + k) % 7) - 3.f;
+        b[(k / 2) * n * 2 + i * 2 + k % 2] = float((2 * i + k) % 5) - 2.f;  // B[k, i], VNNI layout
+      }
+    }
+    try {
+      at::native::cpublas::brgemm(n, n, n, n, n, n, false, a, b, c, true);
+    } catch (...) {
+      return false;
+    }
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) {
+        float ref = 0;
+        for (int k = 0; k < n; ++k) ref += float((i + k) % 7 - 3) * float((2 * j + k) % 5 - 2);
+        if (c[i * n + j] != ref) return false;
+      }
+    }
+    return true;
+  }();
+  return usable;
+}
+
+// bfloat16 column panels of B = w^T in brgemm's VNNI layout: [panels, K / 2, nt, 2] (K even),
+// element (k, c) of panel p at ((k / 2) * nt + c) * 2 + k % 2, zero where row_of(p, c) is null.
+// row_of(p, c) is the row of w ([*, K] row-major) that is column c of panel p. A pair of bfloat16 is
+// one 32-bit word, so this is a transpose of 32-bit words, done in tiles that stay in L1.
+template <typename RowOf>
+at::Tensor pack_vnni_panels(int64_t panels, int64_t K, int64_t nt, const RowOf& row_of) {
+  TORCH_INTERNAL_ASSERT(K % 2 == 0);
+  const int64_t K2 = K / 2;
+  at::Tensor out = at::empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
+  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    constexpr int64_t kTile = 64;
+    for (int64_t p = p0; p < p1; ++p) {
+      uint32_t* dst = o + p * K2 * nt;
+      for (int64_t k0 = 0; k0 < K2; k0 += kTile) {
+        const int64_t k1 = std::min(K2, k0 + kTile);
+        for (int64_t c = 0; c < nt; ++c) {
+          const auto* src = reinterpret_cast<const uint32_t*>(row_of(p, c));
+          if (src == nullptr) {
+            for (int64_t k2 = k0; k2 < k1; ++k2) dst[k2 * nt + c] = 0;
+          } else {
+            uint32_t word;
+            for (int64_t k2 = k0; k2 < k1; ++k2) {
+              std::memcpy(&word, src + k2, sizeof(word));  // rows need only 2-byte alignment
+              dst[k2 * nt + c] = word;
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
+// (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
+inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                               const at::Tensor& panels, int64_t nt, float* C, int64_t ldc) {
+  constexpr int64_t mt = 256;
+  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
+  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = (tile / n_tiles) * mt, n = tile % n_tiles, n0 = n * nt;
+      at::native::cpublas::brgemm(std::min(mt, M - m0), std::min(nt, N - n0), K, lda, nt, ldc, false,
+                                  A + m0 * lda, P + n * K * nt, C + m0 * ldc + n0, true);
+    }
+  });
+}
+
 // c[N] = a[K] @ B[K, N]: a batch-1 step. A GEMM micro-kernel spends most of its time on setup
 // here; streaming B's rows once through eight vector accumulators runs at cache bandwidth.
 template <typename T>
@@ -145,16 +237,33 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
 
 // C[M, N] (ldc) = A[M, K] (lda) @ W^T for W [N, K] (ldw), M <= 2, on the calling thread: a batch-1
 // or batch-2 step computed as dot products with the weight's own rows, so nothing has to be packed.
-template <typename T, int M>
-void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw, T* C,
+// W may be float16/bfloat16 with T = float: its rows are widened in registers, so a low-precision
+// batch-1 step streams half the bytes and nothing is converted in advance.
+template <typename T, typename W_t>
+inline at::vec::Vectorized<T> load_weights(const W_t* w) {
+  if constexpr (std::is_same_v<W_t, T>) {
+    return at::vec::Vectorized<T>::loadu(w);
+  } else if constexpr (std::is_same_v<W_t, at::BFloat16>) {
+    at::vec::Vectorized<float> out;
+    at::vec::load_fp32_from_bf16(w, out);
+    return out;
+  } else {
+    at::vec::Vectorized<float> out;
+    at::vec::load_fp32_from_fp16(w, out);
+    return out;
+  }
+}
+
+template <typename T, int M, typename W_t>
+void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const W_t* W, int64_t ldw, T* C,
                         int64_t ldc) {
   using Vec = at::vec::Vectorized<T>;
   // Weight rows in flight: enough independent FMA chains to hide the FMA latency, within 16 registers.
   constexpr int64_t kV = Vec::size(), kR = M == 1 ? 8 : 4;
   const int64_t Kv = K - K % kV;
-  auto dot_tail = [&](Vec acc, const T* a, const T* w) {
+  auto dot_tail = [&](Vec acc, const T* a, const W_t* w) {
     T sum = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc);
-    for (int64_t k = Kv; k < K; ++k) sum += a[k] * w[k];
+    for (int64_t k = Kv; k < K; ++k) sum += a[k] * static_cast<T>(w[k]);
     return sum;
   };
   int64_t n = 0;
@@ -166,7 +275,7 @@ void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const T* 
       Vec a[M];
       for (int m = 0; m < M; ++m) a[m] = Vec::loadu(A + m * lda + k);
       for (int64_t r = 0; r < kR; ++r) {
-        const Vec w = Vec::loadu(W + (n + r) * ldw + k);
+        const Vec w = load_weights<T>(W + (n + r) * ldw + k);
         for (int m = 0; m < M; ++m) acc[m][r] = at::vec::fmadd(a[m], w, acc[m][r]);
       }
     }
@@ -178,18 +287,18 @@ void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const T* 
     for (int m = 0; m < M; ++m) {
       Vec acc(T(0));
       for (int64_t k = 0; k < Kv; k += kV)
-        acc = at::vec::fmadd(Vec::loadu(A + m * lda + k), Vec::loadu(W + n * ldw + k), acc);
+        acc = at::vec::fmadd(Vec::loadu(A + m * lda + k), load_weights<T>(W + n * ldw + k), acc);
       C[m * ldc + n] = dot_tail(acc, A + m * lda, W + n * ldw);
     }
   }
 }
 
-template <typename T>
-void gemm_nt_small(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+template <typename T, typename W_t>
+void gemm_nt_small(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const W_t* W, int64_t ldw,
                    T* C, int64_t ldc) {
   TORCH_INTERNAL_ASSERT(M <= 2);
-  if (M == 1) gemm_nt_small_impl<T, 1>(N, K, A, lda, W, ldw, C, ldc);
-  if (M == 2) gemm_nt_small_impl<T, 2>(N, K, A, lda, W, ldw, C, ldc);
+  if (M == 1) gemm_nt_small_impl<T, 1, W_t>(N, K, A, lda, W, ldw, C, ldc);
+  if (M == 2) gemm_nt_small_impl<T, 2, W_t>(N, K, A, lda, W, ldw, C, ldc);
 }
 
 // B [K, N] row-major as column panels [ceil(N / nt), K, nt] (zero past N): row copies, no transpose,
@@ -225,6 +334,47 @@ void matmul_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
       gemm_serial<T>(M, std::min(nt, N - n0), K, A, lda, B + n0, ldb, C + n0, ldc);
     }
   });
+}
+
+// C[M, N] (ldc) (+)= At^T @ B for At [K, M] (lda) and B [K, N] (ldb), row-major, float32 on
+// brgemm: a weight gradient (sum over the T*B rows of input^T @ dG), with B read in place. K is taken
+// in chunks of 512: each chunk of At is transposed into a small buffer (so no transposed copy of the
+// whole input is ever held), then all 128 x 64 tiles of C accumulate it in parallel. Chunks and
+// tiles are fixed by the shape alone, so the result does not depend on the thread count. For the
+// backward's large GEMMs: on AMD CPUs the MKL in torch's wheels runs float32 at about half of
+// brgemm's rate (cpu-limit.md, NOTES.md entry 12).
+inline void matmul_tn_blocked(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda,
+                              const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t mt = 128, nt = 64, kc = 512;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    }
+    return;
+  }
+  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  std::vector<float> buf(M * kc);  // [M, kc]: this chunk of At, transposed
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k = std::min(kc, K - k0);
+    at::parallel_for(0, (M + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t m0 = b0 * 16; m0 < std::min(M, b1 * 16); m0 += 16) {
+        const int64_t m1 = std::min(M, m0 + 16);
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const float* src = At + (k0 + kk) * lda;
+          for (int64_t m = m0; m < m1; ++m) buf[m * kc + kk] = src[m];
+        }
+      }
+    });
+    at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = (tile / n_tiles) * mt, n0 = (tile % n_tiles) * nt;
+        at::native::cpublas::brgemm(std::min(mt, M - m0), std::min(nt, N - n0), k, kc, ldb, ldc,
+                                    accumulate || k0 > 0, buf.data() + m0 * kc, B + k0 * ldb + n0,
+                                    C + m0 * ldc + n0, false);
+      }
+    });
+  }
 }
 
 // w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.

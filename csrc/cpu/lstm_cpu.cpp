@@ -1,19 +1,23 @@
 // CPU implementation of fastlstm::lstm_layer_forward / lstm_layer_backward (contract in
-// csrc/fastlstm.cpp).
+// csrc/fastlstm.cpp). Compiled once per instruction set (setup.py: fastlstm._cpu_avx512, _cpu_avx2,
+// _cpu_generic); fastlstm/_loader.py imports the one this CPU runs.
 //
 // Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer. Each step is one
-// parallel loop over blocks of hidden units: a thread multiplies h_{t-1} by its block's panel of
-// w_hh (all four gates' columns for those units, packed once per call), then runs the fused gate and
-// cell update for the block, writing the post-activation gates back into the buffer (which in
-// float32/float64 is itself the saved `gates`). No thread waits for another between the matmul and
-// the pointwise math; h is double-buffered so blocks never read a half-written state. Backward: per
-// step, the gate gradients dG_t row by row, then dh_{t-1} = dG_t @ w_hh over column blocks; input and
-// weight gradients are large GEMMs over all T*B rows after the loop.
+// parallel loop over blocks of 64 hidden units: a thread multiplies h_{t-1} by its block's part of
+// w_hh (all four gates' columns for those units: packed panels for long calls, w_hh read in place
+// for short ones, see forward_impl), then runs the fused gate and cell update for the block, writing
+// the post-activation gates back into the buffer (which in float32/float64 is itself the saved
+// `gates`). No thread waits for another between the matmul and the pointwise math; h is
+// double-buffered so blocks never read a half-written state. Block sizes and GEMM tiles depend on
+// the shapes only, so results do not depend on the thread count. Backward: per step, the gate
+// gradients dG_t row by row, then dh_{t-1} = dG_t @ w_hh over column blocks; input and weight
+// gradients are large GEMMs over all T*B rows after the loop.
 //
-// The small per-thread matmuls use torch's oneDNN brgemm micro-kernel for float32 where it runs
-// (cpu/blas.h), else the BLAS that libtorch exports. float16/bfloat16 run the float32 code (weights
-// and input converted once per call, the cell state kept in float32); h is rounded to the input dtype
-// at each step, because that is the value the next step and the caller see.
+// The matmuls use torch's oneDNN brgemm micro-kernel for float32 where it runs (cpu/blas.h), else
+// the BLAS that libtorch exports. bfloat16 runs brgemm's bf16 kernel where the CPU has avx512_bf16
+// (float32 accumulation, float32 gate math and cell state); elsewhere, and for float16, the float32
+// code runs on converted copies. h is rounded to the input dtype at each step, because that is the
+// value the next step and the caller see.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -166,13 +170,19 @@ at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I]. Large products go through brgemm on
-// weight panels packed once per call (`panels`, filled on first use); small ones through ATen.
+// From this many rows on, the large float32 GEMMs (input projection, backward) run on brgemm tiles
+// rather than at::mm. On AMD CPUs the MKL in torch's wheels runs float32 at about half of brgemm's
+// rate (NOTES.md entry 12); below this, packing w_ih would cost more than the product.
+constexpr int64_t kBrgemmMinRows = 64;
+
+// Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I]. Products of kBrgemmMinRows rows or more
+// go through brgemm on weight panels packed once per call (`panels`, filled on first use); small
+// ones through ATen.
 template <typename acc_t>
 void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels, at::Tensor c) {
   constexpr int64_t nt = 64;
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu::brgemm_usable() && a.size(0) >= 2048) {  // below, MKL's GEMM is as fast without packing
+    if (cpu::brgemm_usable() && a.size(0) >= kBrgemmMinRows) {
       if (!panels.defined()) panels = cpu::pack_panels(w, nt);
       cpu::matmul_panels<float>(a.size(0), w.size(0), a.size(1), a.data_ptr<float>(), a.size(1),
                                 panels, nt, c.data_ptr<float>(), c.size(1));
@@ -207,6 +217,35 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   return panels;
 }
 
+// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions given).
+template <typename T>
+inline void transpose_block(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,
+                            int64_t ldd) {
+  constexpr int64_t kT = 8;  // tiles keep both sides' cache lines in L1
+  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
+    const int64_t r1 = std::min(rows, r0 + kT);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+}
+
+// Whether the recurrent matmul reads w_hh in place (see forward_impl) rather than from panels packed
+// for the call. Packing costs about one strided pass over w_hh; the panels repay it when there are
+// many steps. FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
+inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
+  static const int forced = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_WHH");
+    if (env == nullptr) return 0;
+    if (std::strcmp(env, "direct") == 0) return 1;
+    if (std::strcmp(env, "packed") == 0) return 2;
+    return 0;
+  }();
+  if (forced != 0) return forced == 1;
+  if (!cpu::brgemm_usable()) return true;
+  return T <= 4;
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
   for (int64_t j = 0; j < n; ++j) {
@@ -232,48 +271,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t chunk =
       training ? T : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
                                          std::max<int64_t>(T, 1));
-  const at::Tensor x_a = input.reshape({T * B, I}).to(acc).contiguous();
-  const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
+  // bfloat16 where brgemm multiplies it natively (avx512_bf16): the input projection and the
+  // recurrent product read bfloat16 operands (packed weight panels in VNNI layout; h is bfloat16
+  // anyway, being rounded each step) and accumulate in float32; the gate math stays float32.
+  // Elsewhere bfloat16 runs the float32 code on converted copies.
+  constexpr bool kBF16 = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool native = kBF16 && !has_proj && I % 2 == 0 && P % 2 == 0 && cpu::brgemm_bf16_usable();
+  const at::Tensor x_a = native ? input.reshape({T * B, I}) : input.reshape({T * B, I}).to(acc).contiguous();
+  const at::Tensor w_ih_a = native ? w_ih.contiguous() : w_ih.to(acc).contiguous();
   at::Tensor w_ih_panels;
   at::Tensor gates_a = at::empty({chunk, B, 4 * H}, acc);
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
-  // Blocks of hidden units: small enough to share a step among threads, but a step too small to be
-  // worth a parallel fork (about 2^18 multiply-adds) is one block, one matmul call. Up to batch 2 the
-  // matmul reads w_hh's rows directly; above it, brgemm reads per-block panels packed once per call.
-  const bool one_block = B * 4 * H * P < (int64_t(1) << 18) || at::get_num_threads() == 1;
-  const int64_t threads = at::get_num_threads();
-  const int64_t nb = one_block ? std::max<int64_t>(16, (H + 15) / 16 * 16)
-                               : std::clamp<int64_t>((H / threads + 15) / 16 * 16, 16, 64);
+  // Blocks of nb hidden units, each one matmul and one fused update on one thread. nb is fixed by H
+  // alone, never by the thread count, so that every block computes the same sums in the same order
+  // whichever thread runs it: the results do not depend on the number of threads.
+  //   batch <= 2: dot products with w_hh's rows (nothing packed);
+  //   `direct`: rec^T[4nb, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
+  //     transposed (a [P, B] copy per step, cheap): no packing, for calls with few steps (decoding)
+  //     and where brgemm is unavailable (BLAS packs internally anyway);
+  //   otherwise brgemm on per-block panels of w_hh packed once per call ([blocks, P, 4nb]), which
+  //     keeps a wide batch in full vectors and pays off over many steps.
+  // Packed on every call, never cached: a cache keyed on the weight's version counter would miss
+  // in-place writes through `.data`, which do not bump it.
+  // (At least 16 also for H = 0, which the op accepts.)
+  const int64_t nb = std::clamp<int64_t>((H + 15) / 16 * 16, 16, 64);
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
-  const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
-  // Packed on every call: a cache keyed on the weight's version counter would miss in-place writes
-  // through `.data`, which do not bump it.
-  const at::Tensor panels = dot_rows ? at::Tensor() : pack_gate_panels<acc_t>(w_hh_a, H, nb);
+  const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
+  // Low-precision weights are read as they are by the batch <= 2 dot products and by native bf16.
+  const bool keep_w_hh = kLowPrecision && (dot_rows || native);
+  const at::Tensor w_hh_a = keep_w_hh ? w_hh.contiguous() : w_hh.to(acc).contiguous();
+  at::Tensor panels;
+  if (native && !dot_rows) {
+    const auto* w = reinterpret_cast<const at::BFloat16*>(w_hh_a.data_ptr());
+    panels = cpu::pack_vnni_panels(blocks, P, 4 * nb, [&](int64_t k, int64_t col) {
+      const int64_t q = col / nb, j = k * nb + col % nb;
+      return j < H ? w + (q * H + j) * P : nullptr;
+    });
+  } else if (!dot_rows && !direct) {
+    panels = pack_gate_panels<acc_t>(w_hh_a, H, nb);
+  }
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
-  at::Tensor scratch = at::empty({at::get_num_threads(), B, 4 * nb}, acc);
+  // Per thread: the block's recurrent pre-activations [B, 4nb] and, for `direct`, their transpose.
+  at::Tensor scratch = at::empty({at::get_num_threads(), direct ? 2 : 1, B, 4 * nb}, acc);
+  at::Tensor hT_buf = direct ? at::empty({2, P, B}, acc) : at::Tensor();  // h^T of h_buf
+  if (direct) hT_buf[0].copy_(h0.t());
 
   at::Tensor output = at::empty({T, B, P}, input.options());
   at::Tensor cells = training ? at::empty({T, B, H}, acc) : at::Tensor();
   at::Tensor hidden = has_proj ? at::empty({training ? T : 1, B, H}, acc) : at::Tensor();
   at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
   h_buf[0].copy_(h0);
+  at::Tensor hb_buf = native ? at::empty({2, B, P}, input.options()) : at::Tensor();  // h_buf in bf16
+  if (native) hb_buf[0].copy_(h0);
   at::Tensor c = c0.to(acc).contiguous().clone();  // [B, H]
   at::Tensor m_step = has_proj ? at::Tensor() : at::empty({B, H}, acc);
   at::Tensor h_proj = has_proj ? at::empty({B, P}, acc) : at::Tensor();
 
   const Activity act = make_activity(lengths, B);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
+  const scalar_t* w_hh_low = keep_w_hh ? w_hh_a.data_ptr<scalar_t>() : nullptr;
+  const acc_t* w_hh_p = keep_w_hh ? nullptr : w_hh_a.data_ptr<acc_t>();
   int64_t t_lo = 0;  // first time index held by gates_a
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     if (step % chunk == 0) {
       const int64_t n = std::min(chunk, T - step);
       t_lo = reverse ? T - step - n : step;
-      project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels,
-                           gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B));
+      at::Tensor dst = gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B);
+      if (native) {
+        if (!w_ih_panels.defined()) {
+          const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
+          w_ih_panels = cpu::pack_vnni_panels((4 * H + 63) / 64, I, 64, [&](int64_t p, int64_t col) {
+            return p * 64 + col < 4 * H ? w + (p * 64 + col) * I : nullptr;
+          });
+        }
+        cpu::matmul_vnni_panels(n * B, 4 * H, I,
+                                reinterpret_cast<const at::BFloat16*>(x_a.data_ptr()) + t_lo * B * I, I,
+                                w_ih_panels, 64, reinterpret_cast<float*>(dst.data_ptr()), 4 * H);
+      } else {
+        project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels, dst);
+      }
     }
     const int64_t rows = act.rows(t);
     acc_t* g_t = gates_a.data_ptr<acc_t>() + (t - t_lo) * B * 4 * H;
@@ -284,15 +364,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           : m_step.data_ptr<acc_t>();
     const acc_t* h_cur = h_buf.data_ptr<acc_t>() + (step % 2) * B * P;
     acc_t* h_next = h_buf.data_ptr<acc_t>() + ((step + 1) % 2) * B * P;
+    const acc_t* hT_cur = direct ? hT_buf.data_ptr<acc_t>() + (step % 2) * P * B : nullptr;
+    acc_t* hT_next = direct ? hT_buf.data_ptr<acc_t>() + ((step + 1) % 2) * P * B : nullptr;
+    const scalar_t* hb_cur = native ? hb_buf.data_ptr<scalar_t>() + (step % 2) * B * P : nullptr;
+    scalar_t* hb_next = native ? hb_buf.data_ptr<scalar_t>() + ((step + 1) % 2) * B * P : nullptr;
 
     at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
-      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * B * 4 * nb;
+      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j0 = k * nb, n = std::min(nb, H - j0);
         if (dot_rows) {
           for (int q = 0; q < 4 && rows > 0; ++q) {
-            cpu::gemm_nt_small<acc_t>(rows, n, P, h_cur, P, w_hh_a.data_ptr<acc_t>() + (q * H + j0) * P,
-                                      P, rec + q * nb, 4 * nb);
+            if (keep_w_hh) {
+              cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
+                                                  rec + q * nb, 4 * nb);
+            } else {
+              cpu::gemm_nt_small<acc_t, acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
+                                               rec + q * nb, 4 * nb);
+            }
+          }
+        } else if (direct) {
+          acc_t* recT = rec + B * 4 * nb;  // [4nb, B]: row q * nb + jj is gate q of unit j0 + jj
+          for (int q = 0; q < 4 && rows > 0; ++q) {
+            cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
+                                    recT + q * nb * B, B);
+          }
+          transpose_block(4 * nb, rows, recT, B, rec, 4 * nb);
+        } else if (native) {
+          if (rows > 0) {
+            at::native::cpublas::brgemm(rows, 4 * nb, P, P, 4 * nb, 4 * nb, false,
+                                        reinterpret_cast<const at::BFloat16*>(hb_cur),
+                                        reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) +
+                                            k * P * 4 * nb,
+                                        reinterpret_cast<float*>(rec), true);
           }
         } else {
           cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
@@ -307,6 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             std::fill(m, m + n, acc_t(0));
             if (!has_proj) {
               std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
+              if (native) std::copy(hb_cur + b * P + j0, hb_cur + b * P + j0 + n, hb_next + b * P + j0);
               std::fill(out_t + b * P + j0, out_t + b * P + j0 + n, scalar_t(0));
             }
             continue;
@@ -314,7 +419,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           cell_forward<acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
                               cp + b * H + j0, cell_t + b * H + j0, m);
           if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
+          if (native) std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
         }
+        if (direct && !has_proj) transpose_block(B, n, h_next + j0, P, hT_next + j0 * B, B);
       }
     });
 
@@ -330,6 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
         }
       }
+      if (direct) transpose_block(B, P, h_next, P, hT_next, B);
     }
   }
 
@@ -437,20 +545,48 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   }
 
   const at::Tensor dG2 = dG.view({T * B, 4 * H});
-  at::Tensor grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
-  at::Tensor grad_w_ih = at::mm(dG2.t(), input.reshape({T * B, I}).to(acc));
+  const at::Tensor x2 = input.reshape({T * B, I}).to(acc);
+  at::Tensor grad_input, grad_w_ih, grad_w_hh;
+  const bool blocked = std::is_same_v<acc_t, float> && cpu::brgemm_usable() && T * B >= kBrgemmMinRows;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (blocked) {
+      // grad_input = dG @ w_ih (w_ih as column panels: cheap row copies). The weight gradients are
+      // computed transposed, grad_w^T = in^T @ dG, so that dG (the larger operand) is read in place
+      // and only chunks of the input are transposed.
+      const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
+      const at::Tensor w_ih_panels = cpu::column_panels<float>(w_ih_a.data_ptr<float>(), 4 * H, I, kPanel, acc);
+      grad_input = at::empty({T, B, I}, acc);
+      cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, 4 * H, w_ih_panels, kPanel,
+                                grad_input.data_ptr<float>(), I);
+      at::Tensor gw_ih_t = at::empty({I, 4 * H}, acc);
+      cpu::matmul_tn_blocked(I, 4 * H, T * B, x2.data_ptr<float>(), I, dG_all, 4 * H,
+                             gw_ih_t.data_ptr<float>(), 4 * H, false);
+      grad_w_ih = gw_ih_t.t().contiguous();
+    }
+  }
+  if (!blocked) {
+    grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
+    grad_w_ih = at::mm(dG2.t(), x2);
+  }
   at::Tensor grad_bias = dG2.sum(0);
 
   // grad_w_hh = sum_t dG_t^T h_prev_t. For a step t after another active step h_prev is that step's
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
   const at::Tensor out_a = output.to(acc);
-  at::Tensor grad_w_hh = at::zeros({4 * H, P}, acc);
+  at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
   if (T > 1) {
-    const at::Tensor dG_shift = reverse ? dG.narrow(0, 0, T - 1) : dG.narrow(0, 1, T - 1);
-    const at::Tensor h_shift = reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1);
-    grad_w_hh.addmm_(dG_shift.reshape({(T - 1) * B, 4 * H}).t(),
-                     h_shift.reshape({(T - 1) * B, P}));
+    const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
+    const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
+                                   .reshape({(T - 1) * B, P});
+    if (blocked) {
+      const at::Tensor h_rows = h_shift.contiguous();  // a view of the output already, for float32
+      cpu::matmul_tn_blocked(P, 4 * H, (T - 1) * B, reinterpret_cast<const float*>(h_rows.data_ptr()), P,
+                             reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
+                             reinterpret_cast<float*>(gw_hh_t.data_ptr<acc_t>()), 4 * H, true);
+    } else {
+      gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
+    }
   }
   if (T > 0) {
     at::Tensor dG_first;  // [B, 4H]: each sequence's gradient at its first processed step
@@ -462,8 +598,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
       dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
     }
-    grad_w_hh.addmm_(dG_first.t(), h0.to(acc));
+    gw_hh_t.addmm_(h0.to(acc).t(), dG_first);
   }
+  grad_w_hh = gw_hh_t.t().contiguous();
 
   at::Tensor grad_w_hr = has_proj
                              ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))

@@ -39,14 +39,23 @@ void save_tensors(const std::vector<at::Tensor>& tensors, const std::string& pat
 
 int main(int argc, char** argv) {
   if (argc != 6) {
-    std::cerr << "usage: " << argv[0] << " traced|aoti <op library> <model> <input.pt> <result.pt>\n";
+    std::cerr << "usage: " << argv[0]
+              << " traced|aoti <op libraries, ':'-separated> <model> <input.pt> <result.pt>\n";
     return 2;
   }
   const std::string mode = argv[1];
-  // RTLD_GLOBAL is not needed: the library registers its ops with the dispatcher when it loads.
-  if (dlopen(argv[2], RTLD_NOW) == nullptr) {
-    std::cerr << "dlopen failed: " << dlerror() << "\n";
-    return 1;
+  // fastlstm's core library (schemas, autograd, CUDA) and the CPU kernels built for this CPU's
+  // instruction set: fastlstm.library_paths() in Python lists both. RTLD_GLOBAL is not needed: each
+  // library registers its ops with the dispatcher when it loads.
+  std::string libraries = argv[2];
+  for (size_t begin = 0, end; begin <= libraries.size(); begin = end + 1) {
+    end = libraries.find(':', begin);
+    if (end == std::string::npos) end = libraries.size();
+    const std::string path = libraries.substr(begin, end - begin);
+    if (!path.empty() && dlopen(path.c_str(), RTLD_NOW) == nullptr) {
+      std::cerr << "dlopen failed: " << dlerror() << "\n";
+      return 1;
+    }
   }
   const at::Tensor input = load_tensor(argv[4]);
   std::vector<at::Tensor> result;
