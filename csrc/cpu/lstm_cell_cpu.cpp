@@ -18,41 +18,13 @@
 #include <torch/library.h>
 
 #include "cpu/blas.h"
+#include "cpu/gate_math.h"
 #include "lstm_checks.h"
 
 namespace fastlstm {
 namespace {
 
 using at::vec::Vectorized;
-
-// The gate nonlinearities of lstm_cpu.cpp (same accuracy policy: float32's polynomial exp is far
-// below float32 rounding noise; float64 keeps the accurate functions).
-template <typename acc_t>
-inline Vectorized<acc_t> cell_exp(Vectorized<acc_t> x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const Vectorized<float> e =
-        at::vec::clamp(x, Vectorized<float>(-80.f), Vectorized<float>(80.f)).exp_u20();
-    return Vectorized<float>::blendv(e, x, x.isnan());
-  } else {
-    return x.exp();
-  }
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> cell_sigmoid(Vectorized<acc_t> x) {
-  const Vectorized<acc_t> one(acc_t(1));
-  return one / (one + cell_exp(x.neg()));
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> cell_tanh(Vectorized<acc_t> x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const Vectorized<acc_t> one(acc_t(1)), two(acc_t(2));
-    return one - two / (one + cell_exp(x + x));
-  } else {
-    return x.tanh();
-  }
-}
 
 template <typename T>
 inline Vectorized<T> load_or_zero(const T* p, int64_t j, int64_t n) {
@@ -153,15 +125,15 @@ void forward_impl(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
           return Vec::loadu(g + q * H + j, n) + load_or_zero(bip, q * H + j, n) +
                  load_or_zero(bhp, q * H + j, n);
         };
-        const Vec i = cell_sigmoid(pre(0)), f = cell_sigmoid(pre(1)), z = cell_tanh(pre(2)),
-                  o = cell_sigmoid(pre(3));
+        const Vec i = cpu::vsigmoid(pre(0)), f = cpu::vsigmoid(pre(1)), z = cpu::vtanh(pre(2)),
+                  o = cpu::vsigmoid(pre(3));
         const Vec cn = f * Vec::loadu(c_prev + b * H + j, n) + i * z;
         i.store(g + j, n);
         f.store(g + H + j, n);
         z.store(g + 2 * H + j, n);
         o.store(g + 3 * H + j, n);
         cn.store(cn_buf, n);
-        (o * cell_tanh(cn)).store(h_buf, n);
+        (o * cpu::vtanh(cn)).store(h_buf, n);
         for (int64_t k = 0; k < n; ++k) {
           c_out[b * H + j + k] = static_cast<scalar_t>(cn_buf[k]);
           h_out[b * H + j + k] = static_cast<scalar_t>(h_buf[k]);
@@ -197,7 +169,7 @@ void gate_grads(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Te
         const int64_t n = std::min(kV, H - j);
         const Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
         const Vec z = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
-        const Vec tc = cell_tanh(Vec::loadu(cnp + b * H + j, n));
+        const Vec tc = cpu::vtanh(Vec::loadu(cnp + b * H + j, n));
         const Vec dh = Vec::loadu(ghp + b * H + j, n);
         const Vec dct = Vec::loadu(gcp + b * H + j, n) + dh * o * (one - tc * tc);
         (dct * z * i * (one - i)).store(d + j, n);
