@@ -73,6 +73,9 @@ def _ddp_worker(rank, world_size, port, out_dir):
         shard = slice(rank * DDP_BATCH // world_size, (rank + 1) * DDP_BATCH // world_size)
         _sgd_step(ddp, x[shard], y[shard])
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears gloo down while the other still talks to it (that aborts the other process:
+        # "terminate called without an active exception", seen once in a CI run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
