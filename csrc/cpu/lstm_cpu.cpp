@@ -543,7 +543,18 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const at::Tensor dG2 = dG.view({T * B, 4 * H});
   const at::Tensor x2 = input.reshape({T * B, I}).to(acc);
   at::Tensor grad_input, grad_w_ih, grad_w_hh;
-  const bool blocked = std::is_same_v<acc_t, float> && cpu::brgemm_usable() && T * B >= kBrgemmMinRows;
+  // bfloat16 where the CPU multiplies it natively (avx512_bf16): the large GEMMs take dG rounded to
+  // bfloat16, as torch.nn.LSTM's own bf16 backward does, on oneDNN's bf16 matmul (at::mm, float32
+  // accumulation inside, bfloat16 result: the gradients' dtype). The per-step chain stays float32.
+  const bool native = std::is_same_v<scalar_t, at::BFloat16> && T * B >= kBrgemmMinRows &&
+                      cpu::brgemm_bf16_usable();
+  const at::Tensor dG_low = native ? dG2.to(dtype) : at::Tensor();
+  const bool blocked = !native && std::is_same_v<acc_t, float> && cpu::brgemm_usable() &&
+                       T * B >= kBrgemmMinRows;
+  if (native) {
+    grad_input = at::mm(dG_low, w_ih.contiguous()).view({T, B, I});
+    grad_w_ih = at::mm(dG_low.t(), input.reshape({T * B, I}));
+  }
   if constexpr (std::is_same_v<acc_t, float>) {
     if (blocked) {
       // grad_input = dG @ w_ih (w_ih as column panels: cheap row copies). The weight gradients are
@@ -560,7 +571,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       grad_w_ih = gw_ih_t.t().contiguous();
     }
   }
-  if (!blocked) {
+  if (!blocked && !native) {
     grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
     grad_w_ih = at::mm(dG2.t(), x2);
   }
@@ -569,13 +580,15 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // grad_w_hh = sum_t dG_t^T h_prev_t. For a step t after another active step h_prev is that step's
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
-  const at::Tensor out_a = output.to(acc);
+  const at::Tensor out_a = native ? output : output.to(acc);
   at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
   if (T > 1) {
     const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
     const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
                                    .reshape({(T - 1) * B, P});
-    if (blocked) {
+    if (native) {
+      gw_hh_t.add_(at::mm(h_shift.t(), dG_low.narrow(0, first_row, (T - 1) * B)));
+    } else if (blocked) {
       const at::Tensor h_rows = h_shift.contiguous();  // a view of the output already, for float32
       cpu::matmul_tn_blocked(P, 4 * H, (T - 1) * B, reinterpret_cast<const float*>(h_rows.data_ptr()), P,
                              reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
