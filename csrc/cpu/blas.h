@@ -169,6 +169,31 @@ at::Tensor pack_vnni_panels(int64_t panels, int64_t K, int64_t nt, const RowOf& 
   return out;
 }
 
+// B [K, N] (ldb, row-major) bfloat16, K even, as VNNI column panels [ceil(N / nt), K / 2, nt, 2]
+// (the layout of pack_vnni_panels), zero past N: rows 2k and 2k + 1 interleaved.
+inline at::Tensor pack_vnni_rows(const at::BFloat16* B, int64_t K, int64_t N, int64_t ldb, int64_t nt) {
+  TORCH_INTERNAL_ASSERT(K % 2 == 0);
+  const int64_t panels = (N + nt - 1) / nt, K2 = K / 2;
+  at::Tensor out = at::empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * nt, n = std::min(nt, N - n0);
+      for (int64_t k2 = 0; k2 < K2; ++k2) {
+        at::BFloat16* dst = o + (p * K2 + k2) * nt * 2;
+        const at::BFloat16* r0 = B + 2 * k2 * ldb + n0;
+        const at::BFloat16* r1 = r0 + ldb;
+        for (int64_t c = 0; c < n; ++c) {
+          dst[2 * c] = r0[c];
+          dst[2 * c + 1] = r1[c];
+        }
+        std::fill(dst + 2 * n, dst + 2 * nt, at::BFloat16(0.f));
+      }
+    }
+  });
+  return out;
+}
+
 // C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
 // (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,

@@ -71,20 +71,44 @@ inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t*
   }
 }
 
+// n values of p (float16/bfloat16 saved gates, or acc_t itself) widened to a vector of acc_t: the
+// backward reads the saved low-precision gates in place instead of a converted copy of all of them.
+template <typename acc_t, typename T>
+inline Vectorized<acc_t> load_widened(const T* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vec::loadu(p, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec out;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        at::vec::load_fp32_from_bf16(p, out);
+      } else {
+        at::vec::load_fp32_from_fp16(p, out);
+      }
+      return out;
+    }
+    acc_t tmp[Vec::size()];
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(tmp, n);
+  }
+}
+
 // Backward of cell_forward for one batch row (all H units; gates in the standard layout).
 //   dm: [H] gradient of o * tanh(c); dc: [H] in: gradient of c_t, out: gradient of c_{t-1}
-//   gates: [4H] saved post-activations; c: [H] saved c_t; c_prev: [H] c_{t-1}
+//   gates: [4H] saved post-activations (the input dtype); c: [H] saved c_t; c_prev: [H] c_{t-1}
 //   dg: [4H] out: gradient of the pre-activations
-template <typename acc_t>
-inline void cell_backward_row(int64_t H, const acc_t* dm, acc_t* dc, const acc_t* gates,
+template <typename acc_t, typename gate_t>
+inline void cell_backward_row(int64_t H, const acc_t* dm, acc_t* dc, const gate_t* gates,
                               const acc_t* c, const acc_t* c_prev, acc_t* dg) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kV = Vec::size();
   const Vec one(acc_t(1));
   for (int64_t j = 0; j < H; j += kV) {
     const int64_t n = std::min(kV, H - j);
-    const Vec i = Vec::loadu(gates + j, n), f = Vec::loadu(gates + H + j, n);
-    const Vec z = Vec::loadu(gates + 2 * H + j, n), o = Vec::loadu(gates + 3 * H + j, n);
+    const Vec i = load_widened<acc_t>(gates + j, n), f = load_widened<acc_t>(gates + H + j, n);
+    const Vec z = load_widened<acc_t>(gates + 2 * H + j, n);
+    const Vec o = load_widened<acc_t>(gates + 3 * H + j, n);
     const Vec tc = vtanh(Vec::loadu(c + j, n));
     const Vec dmv = Vec::loadu(dm + j, n);
     const Vec dct = Vec::loadu(dc + j, n) + dmv * o * (one - tc * tc);
@@ -434,17 +458,26 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto dtype = input.scalar_type();
 
-  const at::Tensor gates_a = gates.to(acc).contiguous();
+  const at::Tensor gates_c = gates.contiguous();  // read in its own dtype (cell_backward_row)
   const at::Tensor cells_a = cells.to(acc).contiguous();
-  const at::Tensor grad_out_a = grad_output.to(acc).contiguous();
+  const at::Tensor grad_out_c = grad_output.contiguous();
   const at::Tensor c0_a = c0.to(acc).contiguous();
   const at::Tensor w_hh_a = w_hh.to(acc).contiguous();
   // dh_{t-1} = dG_t @ w_hh: above batch 2, brgemm reads w_hh as contiguous column panels (cheap row
   // copies); read in place, a large w_hh's rows are too far apart for the micro-kernel's loads.
   constexpr int64_t kPanel = 64;
+  // bfloat16 where the CPU multiplies it natively (avx512_bf16): dG is also kept rounded to
+  // bfloat16 (dG_low), as torch.nn.LSTM's own bf16 backward rounds it for its GEMMs; above batch 2
+  // the per-step product runs on brgemm's bf16 kernel (w_hh as VNNI column panels), and the large
+  // GEMMs after the loop on oneDNN's bf16 matmul. Float32 accumulation throughout.
+  const bool native = std::is_same_v<scalar_t, at::BFloat16> && cpu::brgemm_bf16_usable();
+  const bool native_dh = native && B > 2;
+  at::Tensor dG_low = native ? at::empty({T, B, 4 * H}, input.options()) : at::Tensor();
   const at::Tensor w_hh_panels =
-      B > 2 ? cpu::column_panels<acc_t>(w_hh_a.data_ptr<acc_t>(), 4 * H, P, kPanel, acc)
-            : at::Tensor();
+      native_dh ? cpu::pack_vnni_rows(reinterpret_cast<const at::BFloat16*>(w_hh.contiguous().data_ptr()),
+                                      4 * H, P, P, kPanel)
+      : B > 2   ? cpu::column_panels<acc_t>(w_hh_a.data_ptr<acc_t>(), 4 * H, P, kPanel, acc)
+                : at::Tensor();
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
 
   at::Tensor dG = at::empty({T, B, 4 * H}, acc);
@@ -456,9 +489,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   at::Tensor dh_prev = at::empty({B, P}, acc);
 
   const Activity act = make_activity(lengths, B);
-  const acc_t* g_all = gates_a.data_ptr<acc_t>();
+  const scalar_t* g_all = gates_c.data_ptr<scalar_t>();
   const acc_t* cell_all = cells_a.data_ptr<acc_t>();
-  const acc_t* go_all = grad_out_a.data_ptr<acc_t>();
+  const scalar_t* go_all = grad_out_c.data_ptr<scalar_t>();
   acc_t* dG_all = dG.data_ptr<acc_t>();
   acc_t* dhp = dh.data_ptr<acc_t>();
   acc_t* dcp = dc.data_ptr<acc_t>();
@@ -474,7 +507,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     for (int64_t b = 0; b < B; ++b) {
       const bool on = act.active(b, t);
       for (int64_t j = 0; j < P; ++j) {
-        dH_t[b * P + j] = on ? dhp[b * P + j] + go_all[(t * B + b) * P + j] : acc_t(0);
+        dH_t[b * P + j] = on ? dhp[b * P + j] + static_cast<acc_t>(go_all[(t * B + b) * P + j]) : acc_t(0);
       }
     }
     const acc_t* dm_t = dH_t;
@@ -490,17 +523,24 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
         acc_t* dg = dG_t + b * 4 * H;
         if (!act.active(b, t)) {
           std::fill(dg, dg + 4 * H, acc_t(0));
-          continue;
+        } else {
+          // The previous cell state: the carried state of the previously processed step, or c0.
+          const acc_t* c_prev = first ? c0_a.data_ptr<acc_t>() + b * H
+                                      : cell_all + (t_prev * B + b) * H;
+          cell_backward_row<acc_t, scalar_t>(H, dm_t + b * H, dcp + b * H, g_all + (t * B + b) * 4 * H,
+                                   cell_all + (t * B + b) * H, c_prev, dg);
         }
-        // The previous cell state: the carried state of the previously processed step, or c0.
-        const acc_t* c_prev = first ? c0_a.data_ptr<acc_t>() + b * H
-                                    : cell_all + (t_prev * B + b) * H;
-        cell_backward_row<acc_t>(H, dm_t + b * H, dcp + b * H, g_all + (t * B + b) * 4 * H,
-                                 cell_all + (t * B + b) * H, c_prev, dg);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (native) at::vec::convert(dg, dG_low.data_ptr<scalar_t>() + (t * B + b) * 4 * H, 4 * H);
+        }
       }
     });
 
-    if (w_hh_panels.defined()) {
+    if (native_dh) {
+      cpu::matmul_vnni_panels(rows, P, 4 * H,
+                              reinterpret_cast<const at::BFloat16*>(dG_low.data_ptr()) + t * B * 4 * H,
+                              4 * H, w_hh_panels, kPanel, reinterpret_cast<float*>(dhq), P);
+    } else if (w_hh_panels.defined()) {
       cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_panels, kPanel, dhq, P);
     } else {
       cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
@@ -514,7 +554,16 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const at::Tensor dG2 = dG.view({T * B, 4 * H});
   const at::Tensor x2 = input.reshape({T * B, I}).to(acc);
   at::Tensor grad_input, grad_w_ih, grad_w_hh;
-  const bool blocked = std::is_same_v<acc_t, float> && cpu::brgemm_usable() && T * B >= kBrgemmMinRows;
+  // Native bfloat16 (see above): at::mm in bfloat16 is oneDNN's matmul, float32 accumulation
+  // inside, a bfloat16 result (the gradients' dtype).
+  const bool native_mm = native && T * B >= kBrgemmMinRows;
+  const bool blocked = !native_mm && std::is_same_v<acc_t, float> && cpu::brgemm_usable() &&
+                       T * B >= kBrgemmMinRows;
+  const at::Tensor dG_low2 = native ? dG_low.view({T * B, 4 * H}) : at::Tensor();
+  if (native_mm) {
+    grad_input = at::mm(dG_low2, w_ih.contiguous()).view({T, B, I});
+    grad_w_ih = at::mm(dG_low2.t(), input.reshape({T * B, I}));
+  }
   if constexpr (std::is_same_v<acc_t, float>) {
     if (blocked) {
       // grad_input = dG @ w_ih (w_ih as column panels: cheap row copies). The weight gradients are
@@ -531,7 +580,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       grad_w_ih = gw_ih_t.t().contiguous();
     }
   }
-  if (!blocked) {
+  if (!blocked && !native_mm) {
     grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
     grad_w_ih = at::mm(dG2.t(), x2);
   }
@@ -540,13 +589,15 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // grad_w_hh = sum_t dG_t^T h_prev_t. For a step t after another active step h_prev is that step's
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
-  const at::Tensor out_a = output.to(acc);
+  const at::Tensor out_a = native_mm ? output : output.to(acc);
   at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
   if (T > 1) {
     const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
     const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
                                    .reshape({(T - 1) * B, P});
-    if (blocked) {
+    if (native_mm) {
+      gw_hh_t.add_(at::mm(h_shift.t(), dG_low2.narrow(0, first_row, (T - 1) * B)));
+    } else if (blocked) {
       const at::Tensor h_rows = h_shift.contiguous();  // a view of the output already, for float32
       cpu::matmul_tn_blocked(P, 4 * H, (T - 1) * B, reinterpret_cast<const float*>(h_rows.data_ptr()), P,
                              reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
