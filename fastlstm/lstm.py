@@ -269,10 +269,12 @@ def _lstm(
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    if num_directions == 1 and (layer_input.requires_grad or torch.jit.is_tracing()):
-        # The op saves its output for backward; the caller gets a copy it may edit in place (as
-        # torch.nn.LSTM's float64 path allows), at the cost of one copy of the output. (A trace
-        # records it whatever the grad mode, so that the graph does not depend on it.)
+    if (num_directions == 1 and layer_input.dtype == torch.float64
+            and (layer_input.requires_grad or torch.jit.is_tracing())):
+        # The op saves its output for backward. torch.nn.LSTM's float64 path lets the caller edit
+        # its output in place before backward (its float32/16-bit oneDNN path does not): in float64
+        # the caller gets a copy, at the cost of one copy of the output. (A trace records it whatever
+        # the grad mode, so that the graph does not depend on it.)
         layer_input = layer_input.clone()
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
