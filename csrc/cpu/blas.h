@@ -210,25 +210,45 @@ inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat
   });
 }
 
+// U full vectors of c[n0, n0 + U * kV): one pass over B's rows with U independent accumulators.
+template <typename T, int U>
+inline void gemv_cols(int64_t K, const T* a, const T* B, int64_t ldb, T* c, int64_t n0) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  Vec acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec ak(a[k]);
+    const T* row = B + k * ldb + n0;
+    for (int u = 0; u < U; ++u) acc[u] = at::vec::fmadd(ak, Vec::loadu(row + u * kV), acc[u]);
+  }
+  for (int u = 0; u < U; ++u) acc[u].store(c + n0 + u * kV);
+}
+
 // c[N] = a[K] @ B[K, N]: a batch-1 step. A GEMM micro-kernel spends most of its time on setup
 // here; streaming B's rows once through eight vector accumulators runs at cache bandwidth.
 template <typename T>
 void gemv_row(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c) {
   using Vec = at::vec::Vectorized<T>;
-  constexpr int64_t kV = Vec::size(), kU = 8;
+  constexpr int64_t kV = Vec::size();
+  constexpr int kU = 8;
   int64_t n0 = 0;
-  for (; n0 + kU * kV <= N; n0 += kU * kV) {
-    Vec acc[kU];
-    for (int64_t u = 0; u < kU; ++u) acc[u] = Vec(T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const Vec ak(a[k]);
-      const T* row = B + k * ldb + n0;
-      for (int64_t u = 0; u < kU; ++u) acc[u] = at::vec::fmadd(ak, Vec::loadu(row + u * kV), acc[u]);
-    }
-    for (int64_t u = 0; u < kU; ++u) acc[u].store(c + n0 + u * kV);
+  for (; n0 + kU * kV <= N; n0 += kU * kV) gemv_cols<T, kU>(K, a, B, ldb, c, n0);
+  // The remaining full vectors in one pass too: a column block narrower than kU vectors (64
+  // columns are 4 AVX-512 vectors) would otherwise run one latency-bound FMA chain per vector.
+  switch ((N - n0) / kV) {
+    case 7: gemv_cols<T, 7>(K, a, B, ldb, c, n0); break;
+    case 6: gemv_cols<T, 6>(K, a, B, ldb, c, n0); break;
+    case 5: gemv_cols<T, 5>(K, a, B, ldb, c, n0); break;
+    case 4: gemv_cols<T, 4>(K, a, B, ldb, c, n0); break;
+    case 3: gemv_cols<T, 3>(K, a, B, ldb, c, n0); break;
+    case 2: gemv_cols<T, 2>(K, a, B, ldb, c, n0); break;
+    case 1: gemv_cols<T, 1>(K, a, B, ldb, c, n0); break;
+    default: break;
   }
-  for (; n0 < N; n0 += kV) {
-    const int64_t cnt = std::min(kV, N - n0);
+  n0 += (N - n0) / kV * kV;
+  if (n0 < N) {
+    const int64_t cnt = N - n0;
     Vec acc(T(0));
     for (int64_t k = 0; k < K; ++k) acc = at::vec::fmadd(Vec(a[k]), Vec::loadu(B + k * ldb + n0, cnt), acc);
     acc.store(c + n0, cnt);
