@@ -52,6 +52,7 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
+#include "bench_util.h"  // CK, option parsing, UTC time
 
 #include <algorithm>
 #include <cstdint>
@@ -66,16 +67,6 @@
 namespace cg = cooperative_groups;
 
 namespace {
-
-#define CK(call)                                                                           \
-  do {                                                                                     \
-    cudaError_t e_ = (call);                                                               \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, \
-                   __LINE__, cudaGetErrorString(e_));                                      \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 enum class Sync { kCoop, kFlag, kNoBarrier };
 
@@ -612,23 +603,8 @@ struct Bench {
   }
 };
 
-std::string utc_now() {
-  char buf[32];
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
 int parse_int(const char* s, const char* name, int lo, int hi) {
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (end == s || *end != '\0' || v < lo || v > hi) {
-    std::fprintf(stderr, "latency_floor: %s must be an integer in [%d, %d], got '%s'\n", name, lo, hi, s);
-    std::exit(3);
-  }
-  return static_cast<int>(v);
+  return bench_util::parse_int("latency_floor", s, name, lo, hi);
 }
 
 }  // namespace
@@ -715,7 +691,7 @@ int main(int argc, char** argv) {
           " B, per SM: " + std::to_string(p.sharedMemPerMultiprocessor) + " B",
       "driver API version: " + std::to_string(drv) + ", runtime version: " + std::to_string(rt) +
           " (the driver's own version: nvidia-smi, in the run script's log)",
-      "date (UTC): " + utc_now(),
+      "date (UTC): " + bench_util::utc_now(),
       "command: " + cmdline,
       "steps per timing: " + std::to_string(opt.steps) + ", repetitions: " + std::to_string(opt.reps) +
           " (median and min reported), threads per block: " + std::to_string(opt.threads) +

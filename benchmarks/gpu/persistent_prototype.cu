@@ -43,6 +43,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #endif
+#include "bench_util.h"  // CK, option parsing, UTC time
 
 #include <algorithm>
 #include <cmath>
@@ -56,16 +57,6 @@
 #include <vector>
 
 namespace {
-
-#define CK(call)                                                                           \
-  do {                                                                                     \
-    cudaError_t e_ = (call);                                                               \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__, \
-                   __LINE__, cudaGetErrorString(e_));                                      \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 enum class Math { kFma, kTf32, kBf16 };
 
@@ -549,13 +540,7 @@ void print_result(const Result& r) {
 }
 
 int parse_int(const char* s, const char* name, int lo, int hi) {
-  char* end = nullptr;
-  const long v = std::strtol(s, &end, 10);
-  if (end == s || *end != '\0' || v < lo || v > hi) {
-    std::fprintf(stderr, "persistent_prototype: %s must be an integer in [%d, %d], got '%s'\n", name, lo, hi, s);
-    std::exit(3);
-  }
-  return static_cast<int>(v);
+  return bench_util::parse_int("persistent_prototype", s, name, lo, hi);
 }
 
 }  // namespace
@@ -599,13 +584,9 @@ int main(int argc, char** argv) {
   int drv = 0, rt = 0;
   CK(cudaDriverGetVersion(&drv));
   CK(cudaRuntimeGetVersion(&rt));
-  char date[32];
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  const std::string date = bench_util::utc_now();
   std::printf("# gpu: %s, sm_%d%d, %d SMs; driver API %d, runtime %d; %s\n", run.prop.name, run.prop.major,
-              run.prop.minor, run.prop.multiProcessorCount, drv, rt, date);
+              run.prop.minor, run.prop.multiProcessorCount, drv, rt, date.c_str());
   std::vector<int> Hs = {256, 512, 1024}, Bs = {1, 8, 64};
   if (check) {
     Hs = {256};
@@ -642,7 +623,7 @@ int main(int argc, char** argv) {
     FILE* f = std::fopen(csv.c_str(), "w");
     if (f) {
       std::fprintf(f, "# gpu: %s; %d SMs; driver API %d; runtime %d; %s; T=%d\n", run.prop.name,
-                   run.prop.multiProcessorCount, drv, rt, date, run.steps);
+                   run.prop.multiProcessorCount, drv, rt, date.c_str(), run.steps);
       std::fprintf(f, "math,H,B,grid,U,KC,S,smem_bytes,us_per_step_median,us_per_step_min,rel_err,ok,note\n");
       for (const auto& r : all) {
         std::fprintf(f, "%s,%d,%d,%d,%d,%d,%d,%zu,%.4f,%.4f,%.3e,%d,%s\n", math_name(r.cfg.math), r.cfg.H, r.cfg.B,
