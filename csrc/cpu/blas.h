@@ -255,6 +255,9 @@ void gemv_row(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c) {
   }
 }
 
+// Depth of one brgemm call in gemm_serial (see there).
+constexpr int64_t kKChunk = 1024;
+
 // C[M, N] = A[M, K] @ B[K, N] (row-major, leading dimensions given) on the calling thread: the
 // building block of the parallel loops, each thread computing its own block of C.
 template <typename T>
@@ -272,7 +275,13 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<T, float>) {
     if (brgemm_usable()) {
-      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, false, A, B, C, false);
+      // K in chunks, accumulating in C: a chunk of B's panel (kKChunk x N) stays in L1/L2 while the
+      // micro-kernel sweeps the rows of A, instead of the whole panel being streamed again from L3
+      // for every few rows (NOTES.md entry 22). Chunks are fixed by K alone.
+      for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
+        at::native::cpublas::brgemm(M, N, std::min(kKChunk, K - k0), lda, ldb, ldc, k0 > 0, A + k0,
+                                    B + k0 * ldb, C, false);
+      }
       return;
     }
   }
@@ -381,45 +390,74 @@ void matmul_cols(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
   });
 }
 
-// C[M, N] (ldc) (+)= At^T @ B for At [K, M] (lda) and B [K, N] (ldb), row-major, float32 on
-// brgemm: a weight gradient (sum over the T*B rows of input^T @ dG), with B read in place. K is taken
-// in chunks of 512: each chunk of At is transposed into a small buffer (so no transposed copy of the
-// whole input is ever held), then all 128 x 64 tiles of C accumulate it in parallel. Chunks and
-// tiles are fixed by the shape alone, so the result does not depend on the thread count. For the
-// backward's large GEMMs: on AMD CPUs the MKL in torch's wheels runs float32 at about half of
-// brgemm's rate (cpu-limit.md, NOTES.md entry 12).
-inline void matmul_tn_blocked(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda,
-                              const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t mt = 128, nt = 64, kc = 512;
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions given), in 16 x 16 blocks whose
+// rows and columns stay in L1; float through at::vec's in-register 16 x 16 transpose where the
+// build has one (AVX-512), about 6x faster than element by element.
+template <typename T>
+inline void transpose_tile(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows < INT32_MAX && cols < INT32_MAX) {
+      at::vec::transpose_mxn<float>(src, lds, dst, ldd, static_cast<int>(rows), static_cast<int>(cols));
+      return;
     }
-    return;
   }
+  constexpr int64_t kT = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
+    const int64_t r1 = std::min(rows, r0 + kT);
+    for (int64_t c0 = 0; c0 < cols; c0 += kT) {
+      const int64_t c1 = std::min(cols, c0 + kT);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+      }
+    }
+  }
+}
+
+// A weight gradient, float32 on brgemm: G[N, M] (ldg) = sum over k < K of B[k, :]^T a_k, where
+// B [K, N] (ldb, row-major) is the gate gradient dG read in place and a_k = row_of(k) [M] is the
+// k-th row of the layer input (or of the previous outputs; row_of may pick rows from different
+// tensors: h0 for each sequence's first step). That is G = B^T A, grad_w itself, computed as its
+// transpose A^T B in tiles of 128 x 64 of A^T B: a task takes 128 columns of A, gathers them
+// transposed for all K into a per-thread buffer [128, K] (so no transposed copy of the whole input
+// exists), then for each of its 64-wide column tiles of B accumulates the whole sum over K into a
+// tile that stays in cache and writes that tile, transposed, into G. Nothing is accumulated in
+// memory across passes, there is no [M, N] scratch, and tasks and chunks are fixed by the shape:
+// the result does not depend on the thread count. On AMD CPUs the MKL in torch's wheels runs float32
+// GEMMs at about half of brgemm's rate (cpu-limit.md, NOTES.md entries 12 and 22).
+template <typename RowOf>
+void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
+                         int64_t ldb, float* G, int64_t ldg) {
+  constexpr int64_t mt = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task
+  if (M == 0 || N == 0) return;
   const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
-  std::vector<float> buf(M * kc);  // [M, kc]: this chunk of At, transposed
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    const int64_t k = std::min(kc, K - k0);
-    at::parallel_for(0, (M + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t m0 = b0 * 16; m0 < std::min(M, b1 * 16); m0 += 16) {
-        const int64_t m1 = std::min(M, m0 + 16);
-        for (int64_t kk = 0; kk < k; ++kk) {
-          const float* src = At + (k0 + kk) * lda;
-          for (int64_t m = m0; m < m1; ++m) buf[m * kc + kk] = src[m];
+  const int64_t n_groups = (n_tiles + group - 1) / group;
+  const int64_t threads = at::get_num_threads();
+  std::vector<std::vector<float>> bufs(threads);
+  at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float>& buf = bufs[at::get_thread_num() % threads];
+    buf.resize(mt * std::max<int64_t>(K, 1));
+    float tile[mt * nt];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m0 = (task / n_groups) * mt, m = std::min(mt, M - m0);
+      const int64_t g = task % n_groups;
+      // buf[i, k] = A[k, m0 + i]: 16 rows of A at a time, transposed in registers.
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t kk = std::min<int64_t>(16, K - k0);
+        float rows[16 * mt];
+        for (int64_t r = 0; r < kk; ++r) std::copy(row_of(k0 + r) + m0, row_of(k0 + r) + m0 + m, rows + r * mt);
+        transpose_tile(kk, m, rows, mt, buf.data() + k0, K);
+      }
+      for (int64_t n_tile = g * group; n_tile < std::min(n_tiles, (g + 1) * group); ++n_tile) {
+        const int64_t n0 = n_tile * nt, n = std::min(nt, N - n0);
+        if (K == 0) std::fill(tile, tile + mt * nt, 0.f);
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+          at::native::cpublas::brgemm(m, n, std::min(kc, K - k0), K, ldb, nt, k0 > 0, buf.data() + k0,
+                                      B + k0 * ldb + n0, tile, false);
         }
+        transpose_tile(m, n, tile, nt, G + n0 * ldg + m0, ldg);
       }
-    });
-    at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t m0 = (tile / n_tiles) * mt, n0 = (tile % n_tiles) * nt;
-        at::native::cpublas::brgemm(std::min(mt, M - m0), std::min(nt, N - n0), k, kc, ldb, ldc,
-                                    accumulate || k0 > 0, buf.data() + m0 * kc, B + k0 * ldb + n0,
-                                    C + m0 * ldc + n0, false);
-      }
-    });
-  }
+    }
+  });
 }
 
 // w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.

@@ -48,9 +48,23 @@ inline void for_rows(int64_t rows, int64_t row_cost, const F& f) {
 // pre[q * pre_stride + j] (the input part, in: pre-activation, out: post-activation) plus
 // rec[q * rec_stride + j] (the recurrent part) plus bias[q * pre_stride + j] (bias may be null).
 //   c: [n] cell state, updated in place; cell_out: [n] copy of the new c; m: [n] out: o * tanh(c)
-template <typename acc_t>
-inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t* rec,
-                         int64_t rec_stride, const acc_t* bias, acc_t* c, acc_t* cell_out, acc_t* m) {
+// The post-activations go to post[q * pre_stride + j] (post may be pre itself; a float16/bfloat16
+// post is the saved gates of a low-precision call, written rounded, with no float32 copy of them).
+template <typename acc_t, typename post_t>
+inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
+  if constexpr (std::is_same_v<post_t, acc_t>) {
+    v.store(dst, cnt);
+  } else {
+    acc_t tmp[Vectorized<acc_t>::size()];
+    v.store(tmp, cnt);
+    at::vec::convert(tmp, dst, cnt);
+  }
+}
+
+template <typename acc_t, typename post_t>
+inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const acc_t* rec,
+                         int64_t rec_stride, const acc_t* bias, acc_t* c, acc_t* cell_out, acc_t* m,
+                         post_t* post) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kV = Vec::size();
   for (int64_t j = 0; j < n; j += kV) {
@@ -61,10 +75,10 @@ inline void cell_forward(int64_t n, acc_t* pre, int64_t pre_stride, const acc_t*
     };
     const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = vtanh(gate(2)), o = vsigmoid(gate(3));
     const Vec cn = f * Vec::loadu(c + j, cnt) + i * z;
-    i.store(pre + j, cnt);
-    f.store(pre + pre_stride + j, cnt);
-    z.store(pre + 2 * pre_stride + j, cnt);
-    o.store(pre + 3 * pre_stride + j, cnt);
+    store_as(i, post + j, cnt);
+    store_as(f, post + pre_stride + j, cnt);
+    store_as(z, post + 2 * pre_stride + j, cnt);
+    store_as(o, post + 3 * pre_stride + j, cnt);
     cn.store(c + j, cnt);
     cn.store(cell_out + j, cnt);
     (o * vtanh(cn)).store(m + j, cnt);
@@ -208,19 +222,6 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   return panels;
 }
 
-// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions given).
-template <typename T>
-inline void transpose_block(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst,
-                            int64_t ldd) {
-  constexpr int64_t kT = 8;  // tiles keep both sides' cache lines in L1
-  for (int64_t r0 = 0; r0 < rows; r0 += kT) {
-    const int64_t r1 = std::min(rows, r0 + kT);
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-    }
-  }
-}
-
 // Whether the recurrent matmul reads w_hh in place (see forward_impl) rather than from panels packed
 // for the call. Packing costs about one strided pass over w_hh; the panels repay it when there are
 // many steps. FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
@@ -237,12 +238,15 @@ inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
   return T <= 4;
 }
 
+// h rounded to the output dtype into out, and that rounded value into the carried state.
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t v = static_cast<scalar_t>(h[j]);
-    out[j] = v;
-    state[j] = static_cast<acc_t>(v);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(h, h + n, out);
+    std::copy(h, h + n, state);
+  } else {
+    at::vec::convert(h, out, n);
+    at::vec::convert(out, state, n);
   }
 }
 
@@ -259,8 +263,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // The input part of the pre-activations. Training keeps every step's (the buffer becomes the saved
   // gates); inference projects a few steps at a time (about 16 MB) into one reused buffer.
+  // float16/bfloat16 training also projects in chunks: its saved gates are a separate
+  // low-precision tensor that the gate math writes directly.
   const int64_t chunk =
-      training ? T : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
+      training && !kLowPrecision ? T : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
                                          std::max<int64_t>(T, 1));
   // bfloat16 where brgemm multiplies it natively (avx512_bf16): the input projection and the
   // recurrent product read bfloat16 operands (packed weight panels in VNNI layout; h is bfloat16
@@ -312,6 +318,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor output = at::empty({T, B, P}, input.options());
   at::Tensor cells = training ? at::empty({T, B, H}, acc) : at::Tensor();
+  // Saved post-activation gates of a float16/bfloat16 call (see `chunk`); float32/float64 training
+  // keeps them in gates_a itself.
+  const bool low_gates = kLowPrecision && training;
+  at::Tensor gates_low = low_gates ? at::empty({T, B, 4 * H}, input.options()) : at::Tensor();
   at::Tensor hidden = has_proj ? at::empty({training ? T : 1, B, H}, acc) : at::Tensor();
   at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
   h_buf[0].copy_(h0);
@@ -380,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
                                     recT + q * nb * B, B);
           }
-          transpose_block(4 * nb, rows, recT, B, rec, 4 * nb);
+          cpu::transpose_tile(4 * nb, rows, recT, B, rec, 4 * nb);
         } else if (native) {
           if (rows > 0) {
             at::native::cpublas::brgemm(rows, 4 * nb, P, P, 4 * nb, 4 * nb, false,
@@ -396,8 +406,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t b = 0; b < B; ++b) {
           acc_t* g = g_t + b * 4 * H + j0;
           acc_t* m = m_t + b * H + j0;
+          scalar_t* gl = low_gates ? gates_low.data_ptr<scalar_t>() + (t * B + b) * 4 * H + j0 : nullptr;
           if (!act.active(b, t)) {
             for (int q = 0; q < 4; ++q) std::fill(g + q * H, g + q * H + n, acc_t(0));
+            if (low_gates) {
+              for (int q = 0; q < 4; ++q) std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
+            }
             if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
             std::fill(m, m + n, acc_t(0));
             if (!has_proj) {
@@ -407,12 +421,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
             continue;
           }
-          cell_forward<acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
-                              cp + b * H + j0, cell_t + b * H + j0, m);
+          if (low_gates) {
+            cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                          cp + b * H + j0, cell_t + b * H + j0, m, gl);
+          } else {
+            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                       cp + b * H + j0, cell_t + b * H + j0, m, g);
+          }
           if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
           if (native) std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
         }
-        if (direct && !has_proj) transpose_block(B, n, h_next + j0, P, hT_next + j0 * B, B);
+        if (direct && !has_proj) cpu::transpose_tile(B, n, h_next + j0, P, hT_next + j0 * B, B);
       }
     });
 
@@ -428,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
         }
       }
-      if (direct) transpose_block(B, P, h_next, P, hT_next, B);
+      if (direct) cpu::transpose_tile(B, P, h_next, P, hT_next, B);
     }
   }
 
@@ -438,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {output, h_n, c_n, at::empty({0}, input.options()), at::empty({0}, acc),
             at::empty({0}, input.options())};
   }
-  at::Tensor gates = kLowPrecision ? gates_a.to(input.scalar_type()) : gates_a;
+  at::Tensor gates = low_gates ? gates_low : gates_a;
   at::Tensor hidden_out = has_proj ? hidden.to(input.scalar_type())
                                    : at::empty({0}, input.options());
   return {output, h_n, c_n, gates, cells, hidden_out};
@@ -574,10 +593,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       grad_input = at::empty({T, B, I}, acc);
       cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, 4 * H, w_ih_panels, kPanel,
                                 grad_input.data_ptr<float>(), I);
-      at::Tensor gw_ih_t = at::empty({I, 4 * H}, acc);
-      cpu::matmul_tn_blocked(I, 4 * H, T * B, x2.data_ptr<float>(), I, dG_all, 4 * H,
-                             gw_ih_t.data_ptr<float>(), 4 * H, false);
-      grad_w_ih = gw_ih_t.t().contiguous();
+      grad_w_ih = at::empty({4 * H, I}, acc);
+      const float* xp = x2.data_ptr<float>();
+      cpu::weight_grad_blocked(I, 4 * H, T * B, [&](int64_t k) { return xp + k * I; }, dG_all, 4 * H,
+                               grad_w_ih.data_ptr<float>(), I);
     }
   }
   if (!blocked && !native_mm) {
@@ -590,35 +609,51 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
   const at::Tensor out_a = native_mm ? output : output.to(acc);
-  at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
-  if (T > 1) {
-    const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
-    const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
-                                   .reshape({(T - 1) * B, P});
-    if (native_mm) {
-      gw_hh_t.add_(at::mm(h_shift.t(), dG_low2.narrow(0, first_row, (T - 1) * B)));
-    } else if (blocked) {
-      const at::Tensor h_rows = h_shift.contiguous();  // a view of the output already, for float32
-      cpu::matmul_tn_blocked(P, 4 * H, (T - 1) * B, reinterpret_cast<const float*>(h_rows.data_ptr()), P,
-                             reinterpret_cast<const float*>(dG_all) + first_row * 4 * H, 4 * H,
-                             reinterpret_cast<float*>(gw_hh_t.data_ptr<acc_t>()), 4 * H, true);
-    } else {
-      gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
+  if (blocked) {
+    // One product over all T*B rows: the row paired with dG's row of step t is the h that step read,
+    // the output of the step processed before it, or h0 at each sequence's first processed step
+    // (in reverse with lengths, step len - 1; rows past a length have dG = 0).
+    grad_w_hh = at::empty({4 * H, P}, acc);
+    const at::Tensor h0_a = h0.to(acc).contiguous();
+    const at::Tensor out_c = out_a.contiguous();
+    const float* h0p = reinterpret_cast<const float*>(h0_a.data_ptr());
+    const float* op = reinterpret_cast<const float*>(out_c.data_ptr());
+    const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    auto row = [&](int64_t k) -> const float* {
+      const int64_t t = k / B, b = k % B;
+      const bool first = reverse ? (t == T - 1 || (len != nullptr && t + 1 >= len[b])) : t == 0;
+      return first ? h0p + b * P : op + ((reverse ? t + 1 : t - 1) * B + b) * P;
+    };
+    cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), 4 * H,
+                             reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
+  } else {
+    // h0 term first, [P, 4H] = h0^T @ dG_first (each sequence's gradient at its first processed
+    // step), then the shifted product over the steps that follow another.
+    at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
+    if (T > 0) {
+      at::Tensor dG_first;  // [B, 4H]
+      if (!reverse) {
+        dG_first = dG[0];
+      } else if (!lengths.defined()) {
+        dG_first = dG[T - 1];
+      } else {
+        const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
+        dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
+      }
+      gw_hh_t.addmm_(h0.to(acc).t(), dG_first);
     }
-  }
-  if (T > 0) {
-    at::Tensor dG_first;  // [B, 4H]: each sequence's gradient at its first processed step
-    if (!reverse) {
-      dG_first = dG[0];
-    } else if (!lengths.defined()) {
-      dG_first = dG[T - 1];
-    } else {
-      const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
-      dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
+    if (T > 1) {
+      const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
+      const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
+                                     .reshape({(T - 1) * B, P});
+      if (native_mm) {
+        gw_hh_t.add_(at::mm(h_shift.t(), dG_low2.narrow(0, first_row, (T - 1) * B)));
+      } else {
+        gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
+      }
     }
-    gw_hh_t.addmm_(h0.to(acc).t(), dG_first);
+    grad_w_hh = gw_hh_t.t().contiguous();
   }
-  grad_w_hh = gw_hh_t.t().contiguous();
 
   at::Tensor grad_w_hr = has_proj
                              ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))
