@@ -52,7 +52,7 @@ class LSTM(nn.RNNBase):
         gives what pack_padded_sequence -> LSTM -> pad_packed_sequence gives, without packing:
         ``output`` is zero past each length and ``h_n``/``c_n`` are each sequence's state at its
         last step (a length of 0 leaves the initial state). Unlike a PackedSequence it exports
-        (torch.export, ONNX ``sequence_lens``) with dynamic batch and sequence length."""
+        (torch.export, ONNX) with dynamic batch and sequence length."""
         self._update_flat_weights()
         weights = _check_weights(self._flat_weights, self._flat_weights_names)
         num_directions = 2 if self.bidirectional else 1

@@ -9,11 +9,15 @@ B [D, 8H] = the input and recurrent biases concatenated), and per-sequence lengt
 step, the reverse direction starts at each sequence's own end: the contract of fastlstm's op). The
 rearrangement is written in torch ops on the parameters, which the exporter folds into constants.
 
-proj_size has no counterpart in ONNX's LSTM: exporting a model that uses it raises an error that
-says so.
+ONNX's LSTM has no projection (proj_size). A layer with one is written as torch's ``scan`` over
+time instead, which the exporter turns into an ONNX ``Scan`` per direction: the input's share of
+the gates for all steps is one MatMul before the loop, and the loop body does the recurrent
+MatMul, the gates and the projection. Per-sequence lengths become a mask: a step past a sequence's
+length keeps its state and outputs zeros, which gives the same contract in both directions.
 
 A program captured beforehand with torch.export holds fastlstm's op itself; translation_table()
-gives torch.onnx.export the translation of that op (one direction of one layer) to ONNX's LSTM.
+gives torch.onnx.export the translation of that op (one direction of one layer) to ONNX's LSTM, or
+with proj_size to a Scan (fastlstm/_onnx_scan.py).
 """
 from __future__ import annotations
 
@@ -56,20 +60,18 @@ def lstm_layer(
     has_proj: bool,
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, all its directions, as an ONNX LSTM node.
+    """One layer, all its directions, as an ONNX LSTM node (with has_proj: as Scan loops).
 
-    x [T, B, I]; h0 [D, B, H]; c0 [D, B, H]; weights[d] = [w_ih [4H, I], w_hh [4H, H], then
-    b_ih [4H], b_hh [4H] when has_bias] for direction d (D = 1 or 2, the second one reversed);
-    lengths [B] integer or None. Returns output [T, B, D*H], h_n [D, B, H], c_n [D, B, H]."""
-    if has_proj:
-        raise RuntimeError(
-            "fastlstm: ONNX export of an LSTM with proj_size > 0 is not supported: ONNX's LSTM "
-            "operator has no projection (proj_size). Export the model without proj_size, or "
-            "export it with torch.export instead of ONNX.")
+    x [T, B, I]; h0 [D, B, P]; c0 [D, B, H]; weights[d] = [w_ih [4H, I], w_hh [4H, P], then
+    b_ih [4H], b_hh [4H] when has_bias, then w_hr [P, H] when has_proj] for direction d (D = 1 or
+    2, the second one reversed); P = H without has_proj; lengths [B] integer or None. Returns
+    output [T, B, D*P], h_n [D, B, P], c_n [D, B, H]."""
     if torch.jit.is_tracing():
         raise RuntimeError(
             "fastlstm: the legacy TorchScript ONNX exporter cannot export fastlstm.LSTM; use "
             "torch.onnx.export(..., dynamo=True)")
+    if has_proj:
+        return _projected_layer(x, h0, c0, weights, has_bias, lengths)
     T, B, _ = x.shape
     D = len(weights)
     H = weights[0][0].shape[0] // 4
@@ -89,19 +91,74 @@ def lstm_layer(
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
 
 
+def _projected_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: list[list[Tensor]],
+    has_bias: bool,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """lstm_layer with proj_size, which ONNX's LSTM lacks: torch's scan over time per direction,
+    which the exporter translates to an ONNX Scan (the reverse one as a Scan over flipped steps).
+    The input's share of the gates is one MatMul over all steps, outside the loop; a step at
+    t >= lengths[b] keeps sequence b's state and outputs zeros (fastlstm.reference.lstm_layer's
+    rule), which also starts the reverse direction at each sequence's own end."""
+    try:
+        from torch._higher_order_ops.scan import scan
+    except ImportError as e:  # a private module: say what is missing if a torch moves it
+        raise RuntimeError(
+            "fastlstm: ONNX export of an LSTM with proj_size > 0 needs torch's scan "
+            "(torch._higher_order_ops.scan), which this torch does not have") from e
+    active = None
+    if lengths is not None:
+        steps = torch.arange(x.shape[0], device=x.device, dtype=lengths.dtype)
+        active = (steps.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)  # [T, B, 1]
+    outputs, h_n, c_n = [], [], []
+    for d, w in enumerate(weights):
+        gates_x = x @ w[0].t()  # [T, B, 4H]
+        if has_bias:
+            gates_x = gates_x + (w[2].reshape(-1) + w[3].reshape(-1))
+        w_hh_t, w_hr_t = w[1].t(), w[-1].t()
+
+        def step(state, xs, w_hh_t=w_hh_t, w_hr_t=w_hr_t):
+            h, c = state
+            g_x, a = xs if active is not None else (xs, None)
+            i, f, g, o = (g_x + h @ w_hh_t).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ w_hr_t
+            if a is None:
+                return (h_new, c_new), h_new.clone()  # scan: an output may not alias the state
+            return ((torch.where(a, h_new, h), torch.where(a, c_new, c)),
+                    torch.where(a, h_new, 0.0))
+
+        xs = (gates_x, active) if active is not None else gates_x
+        (h, c), out = scan(step, (h0[d], c0[d]), xs, reverse=d == 1)
+        outputs.append(out)
+        h_n.append(h)
+        c_n.append(c)
+    return torch.cat(outputs, 2), torch.stack(h_n), torch.stack(c_n)
+
+
 def translation_table() -> dict:
     """``{torch.ops.fastlstm.lstm_layer_forward.default: translation}`` for
     ``torch.onnx.export(exported_program, dynamo=True, custom_translation_table=...)``, where
     ``exported_program`` came from ``torch.export`` (exporting the module itself needs nothing).
-    Needs onnxscript."""
+    One direction of one layer becomes one ONNX LSTM node, or with proj_size (w_hr) a call of a
+    function holding a Scan. Needs onnxscript."""
     from onnxscript import opset18 as op
+
+    from ._onnx_scan import lstm_projected_scan as scan
+    from ._onnx_scan import lstm_projected_scan_masked as scan_masked
 
     def lstm_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                            lengths=None, reverse: bool = False, training: bool = True):
+        axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+        # gates, cells, hidden: what a backward would use; an exported program never reads them.
+        empty = op.CastLike(op.ConstantOfShape(axis0), input)
         if w_hr is not None:
-            raise RuntimeError(
-                "fastlstm: ONNX export of an LSTM with proj_size > 0 is not supported: ONNX's "
-                "LSTM operator has no projection (proj_size).")
+            y, h_n, c_n = projected(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+            return y, h_n, c_n, empty, empty, empty
         H = w_ih.shape[0] // 4
 
         def gate_order(t):  # i, f, g, o -> ONNX's i, o, f, c
@@ -110,7 +167,6 @@ def translation_table() -> dict:
             return op.Concat(rows(0, H), rows(3 * H, 4 * H), rows(H, 2 * H), rows(2 * H, 3 * H),
                              axis=0)
 
-        axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
         W = op.Unsqueeze(gate_order(w_ih), axis0)
         R = op.Unsqueeze(gate_order(w_hh), axis0)
         B = None
@@ -123,9 +179,36 @@ def translation_table() -> dict:
         y, h_n, c_n = op.LSTM(input, W, R, B, seq_lens, op.Unsqueeze(h0, axis0),
                               op.Unsqueeze(c0, axis0), hidden_size=H,
                               direction="reverse" if reverse else "forward")
-        # gates, cells, hidden: what a backward would use; an exported program never reads them.
-        empty = op.CastLike(op.ConstantOfShape(axis0), input)
         return (op.Squeeze(y, axis1), op.Squeeze(h_n, axis0), op.Squeeze(c_n, axis0), empty,
                 empty, empty)
 
+    def projected(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
+        # As _projected_layer: the input's share of the gates for all steps, then a Scan.
+        axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+
+        def flip(t):  # along time: the reverse direction runs a forward Scan on reversed steps
+            return op.Slice(t, op.Constant(value_ints=[-1]),
+                            op.Constant(value_ints=[-(2 ** 63)]), axis0,
+                            op.Constant(value_ints=[-1]))
+
+        gates_x = op.MatMul(input, op.Transpose(w_ih, perm=[1, 0]))  # [T, B, 4H]
+        for b in (b_ih, b_hh):
+            if b is not None:
+                gates_x = op.Add(gates_x, b)
+        weights = (op.Transpose(w_hh, perm=[1, 0]), op.Transpose(w_hr, perm=[1, 0]))
+        if reverse:
+            gates_x = flip(gates_x)
+        if lengths is None:
+            y, h_n, c_n = scan(h0, c0, gates_x, *weights)
+        else:
+            steps = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(input, start=0, end=1)),
+                             op.Constant(value_int=1))
+            active = op.Unsqueeze(op.Less(op.Unsqueeze(steps, axis1),
+                                          op.Unsqueeze(op.Cast(lengths, to=7), axis0)),  # int64
+                                  op.Constant(value_ints=[2]))  # [T, B, 1]
+            y, h_n, c_n = scan_masked(h0, c0, gates_x, flip(active) if reverse else active,
+                                      *weights)
+        return (flip(y) if reverse else y), h_n, c_n
+
     return {torch.ops.fastlstm.lstm_layer_forward.default: lstm_layer_forward}
+
