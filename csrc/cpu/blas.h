@@ -12,7 +12,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -354,6 +359,67 @@ void gemm_nt_small(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
   if (M == 1) gemm_nt_small_impl<T, 1, W_t>(N, K, A, lda, W, ldw, C, ldc);
   if (M == 2) gemm_nt_small_impl<T, 2, W_t>(N, K, A, lda, W, ldw, C, ldc);
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTLSTM_HAVE_DPBF16 1
+// C[M, N] (ldc, float) = A[M, K] @ W^T for bfloat16 A (ldA) and W [N, K] (ldw), M <= 2, K even, on
+// the calling thread: a batch-1/2 step of native bfloat16 as dot products with W's own rows, 32 pairs
+// of bfloat16 per instruction (AVX512_BF16 vdpbf16ps: exact products, float32 sums), nothing packed
+// or widened. Compiled for AVX512_BF16 whatever the build's instruction set; callers check
+// brgemm_bf16_usable() (which checks the CPU for it) first.
+// (No lambdas below: GCC does not give them the enclosing function's target. GCC 12's intrinsic
+// headers warn about their own placeholder operands when inlined into a target function.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void dot_rows_bf16_block(
+    int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* W, int64_t ldw, float* C,
+    int64_t ldc) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t Kf = K - K % 32;
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = k < Kf ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t(1) << (K - k)) - 1);
+    __m512i a[M];
+    for (int m = 0; m < M; ++m) a[m] = _mm512_maskz_loadu_epi16(mask, A + m * lda + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i w = _mm512_maskz_loadu_epi16(mask, W + r * ldw + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)a[m], (__m512bh)w);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < R; ++r) {  // horizontal sum (_mm512_reduce_add_ps warns in GCC 12's headers)
+      __m512 v = _mm512_add_ps(acc[m][r], _mm512_shuffle_f32x4(acc[m][r], acc[m][r], 0x4E));
+      v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+      __m128 x = _mm512_castps512_ps128(v);
+      x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+      x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+      C[m * ldc + r] = _mm_cvtss_f32(x);
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void dot_rows_bf16_impl(
+    int64_t N, int64_t K, const at::BFloat16* A, int64_t lda, const at::BFloat16* W, int64_t ldw,
+    float* C, int64_t ldc) {
+  constexpr int kR = M == 1 ? 8 : 4;  // weight rows in flight
+  int64_t n = 0;
+  for (; n + kR <= N; n += kR) dot_rows_bf16_block<M, kR>(K, A, lda, W + n * ldw, ldw, C + n, ldc);
+  for (; n < N; ++n) dot_rows_bf16_block<M, 1>(K, A, lda, W + n * ldw, ldw, C + n, ldc);
+}
+
+#pragma GCC diagnostic pop
+
+inline void dot_rows_bf16(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
+                          const at::BFloat16* W, int64_t ldw, float* C, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(M <= 2 && K % 2 == 0);
+  if (M == 1) dot_rows_bf16_impl<1>(N, K, A, lda, W, ldw, C, ldc);
+  if (M == 2) dot_rows_bf16_impl<2>(N, K, A, lda, W, ldw, C, ldc);
+}
+#endif
 
 // B [K, N] row-major as column panels [ceil(N / nt), K, nt] (zero past N): row copies, no transpose,
 // in parallel over panels.

@@ -376,6 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t j0 = k * nb, n = std::min(nb, H - j0);
         if (dot_rows) {
           for (int q = 0; q < 4 && rows > 0; ++q) {
+#ifdef FASTLSTM_HAVE_DPBF16
+            if constexpr (kBF16) {
+              if (native) {
+                cpu::dot_rows_bf16(rows, n, P, reinterpret_cast<const at::BFloat16*>(hb_cur), P,
+                                   reinterpret_cast<const at::BFloat16*>(w_hh_low) + (q * H + j0) * P,
+                                   P, reinterpret_cast<float*>(rec) + q * nb, 4 * nb);
+                continue;
+              }
+            }
+#endif
             if (keep_w_hh) {
               cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
                                                   rec + q * nb, 4 * nb);
