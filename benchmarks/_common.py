@@ -33,15 +33,37 @@ def impl_backend(module, device):
     return backend(device) if callable(backend) else None
 
 
+def _amd_generation(family, model):
+    # AMD's family/model numbers for its Zen cores (a VM's "model name" often says only "AMD EPYC").
+    if family == 0x17:
+        return "Zen 2" if model >= 0x30 else "Zen/Zen+"
+    if family == 0x19:
+        return "Zen 4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "Zen 3"
+    if family == 0x1A:
+        return "Zen 5"
+    return None
+
+
 def cpu_model():
+    """The CPU's model name, with its family and model numbers (and, for AMD, the Zen generation
+    they mean): e.g. "AMD EPYC (family 26, model 2: Zen 5)"."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return name
+    gen = _amd_generation(family, model) if fields.get("vendor_id") == "AuthenticAMD" else None
+    return f"{name} (family {family}, model {model}{': ' + gen if gen else ''})"
 
 
 def device_name(device):

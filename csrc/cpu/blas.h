@@ -282,7 +282,7 @@ void gemm_serial(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
     if (brgemm_usable()) {
       // K in chunks, accumulating in C: a chunk of B's panel (kKChunk x N) stays in L1/L2 while the
       // micro-kernel sweeps the rows of A, instead of the whole panel being streamed again from L3
-      // for every few rows (NOTES.md entry 22). Chunks are fixed by K alone.
+      // for every few rows (NOTES.md entry 23). Chunks are fixed by K alone.
       for (int64_t k0 = 0; k0 < K; k0 += kKChunk) {
         at::native::cpublas::brgemm(M, N, std::min(kKChunk, K - k0), lda, ldb, ldc, k0 > 0, A + k0,
                                     B + k0 * ldb, C, false);
@@ -489,7 +489,7 @@ inline void transpose_tile(int64_t rows, int64_t cols, const T* src, int64_t lds
 // tile that stays in cache and writes that tile, transposed, into G. Nothing is accumulated in
 // memory across passes, there is no [M, N] scratch, and tasks and chunks are fixed by the shape:
 // the result does not depend on the thread count. On AMD CPUs the MKL in torch's wheels runs float32
-// GEMMs at about half of brgemm's rate (cpu-limit.md, NOTES.md entries 12 and 22).
+// GEMMs at about half of brgemm's rate (cpu-limit.md, NOTES.md entries 12 and 24).
 template <typename RowOf>
 void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
                          int64_t ldb, float* G, int64_t ldg) {
