@@ -312,3 +312,19 @@ def test_forward_mode_ad():
     for got, want in zip(*results):
         assert want.abs().max() > 0.01
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_bias_gradients_are_distinct_tensors():
+    # torch.autograd.grad gives each bias its own tensor, as torch.nn.LSTMCell does: in-place scaling
+    # of the gradient list (gradient clipping) scales each once.
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(3, 4, dtype=torch.float64)
+    fast = fastlstm.LSTMCell(3, 4, dtype=torch.float64)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    grads = list(torch.autograd.grad(fast(x)[0].sum(), list(fast.parameters())))
+    expected = torch.autograd.grad(ref(x)[0].sum(), list(ref.parameters()))
+    assert grads[2].data_ptr() != grads[3].data_ptr()
+    torch._foreach_mul_(grads, 0.5)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, 0.5 * e, rtol=1e-10, atol=1e-12)
