@@ -666,7 +666,10 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, help="timed blocks per implementation (default: fit --budget)")
     p.add_argument("--budget", type=float, help="seconds of timing per shape and mode (default 8 CPU, 2 CUDA)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both (CPU)")
-    p.add_argument("--tf32", choices=["on", "off"], default="off", help="TF32 for float32 matmuls, both (CUDA)")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="CUDA float32: default = torch's own flags, left as they are (torch 2.x: "
+                        "cudnn.allow_tf32 on, so cuDNN's LSTM may use TF32; cuda.matmul.allow_tf32 off); "
+                        "on/off set both flags, for both implementations")
     p.add_argument("--out", help="output folder (default benchmarks/results/<device>-<date>/)")
     p.add_argument("--list", action="store_true", help="print the grid and exit")
     p.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
@@ -709,9 +712,11 @@ def main(argv=None):
         sys.exit("--device cuda but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
-    tf32 = args.tf32 == "on"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    if args.tf32 != "default":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    # Whether either implementation may round float32 matmuls to TF32 (loosens the correctness check).
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
 
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
     if args.filter:
@@ -751,7 +756,8 @@ def main(argv=None):
     cfg = timing_config(device, args)
     print(
         f"fastlstm ({env['impl_module']}, backend {env['fastlstm_backend']}) vs torch.nn.LSTM on {env['device']}"
-        + (f", {env['cpu']}, {env['threads']} threads" if device.type == "cpu" else f", TF32 {args.tf32}")
+        + (f", {env['cpu']}, {env['threads']} threads" if device.type == "cpu" else f", TF32 {args.tf32} (cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+           f"cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32})")
         + f"; torch {env['torch']}; {len(items)} shape/dtype pairs x {len(modes)} modes",
         flush=True,
     )

@@ -11,12 +11,12 @@
 #   run(command="bash benchmarks/gpu/run_speed_baseline.sh", timeout_s=300)
 #
 # The four runs (bench_lstm.py --budget 1: one second of timing per shape, mode and dtype):
-#   tf32on-fastrnns  fastrnns, float32/bfloat16/float16, --tf32 on (cuDNN's float32 LSTM on TF32
-#                    tensor cores as under torch's default cudnn.allow_tf32; note --tf32 on also
-#                    sets matmul.allow_tf32, which torch leaves off by default)
-#   tf32on-batch     batch{1,4,8}-h{512,1024}, float32/bfloat16, --tf32 on
+#   default-fastrnns fastrnns, float32/bfloat16/float16, --tf32 default: torch's own flags
+#                    (cudnn.allow_tf32 on, so cuDNN's float32 LSTM may use TF32 tensor cores;
+#                    cuda.matmul.allow_tf32 off), the setting issue 14's targets name
+#   default-batch    batch{1,4,8}-h{512,1024}, float32/bfloat16, --tf32 default
 #   tf32off          fastrnns, float32, --tf32 off (exact FMA on both sides)
-#   h128             h128 (cuDNN's PERSIST_STATIC_SMALL_H regime), float32/bfloat16, --tf32 on
+#   h128             h128 (cuDNN's PERSIST_STATIC_SMALL_H regime), float32/bfloat16, --tf32 default
 # Exit status: 0 all ran; 1 a run failed or timed out; 2 no GPU or no CUDA build.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -75,9 +75,9 @@ bench() {
   fi
 }
 # --filter takes one substring: "batch" selects batch{1,4,8}-h{512,1024}; fastrnns runs separately.
-bench tf32on-fastrnns 70 --filter fastrnns --tf32 on
-bench tf32on-batch 110 --filter batch --dtype float32 bfloat16 --tf32 on
+bench default-fastrnns 70 --filter fastrnns --tf32 default
+bench default-batch 110 --filter batch --dtype float32 bfloat16 --tf32 default
 bench tf32off 40 --filter fastrnns --dtype float32 --tf32 off
-bench h128 40 --filter h128 --dtype float32 bfloat16 --tf32 on
+bench h128 40 --filter h128 --dtype float32 bfloat16 --tf32 default
 echo "== done: status $status, $((SECONDS - T0)) s" | log
 exit "$status"
