@@ -302,7 +302,7 @@ class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
             need(2) ? gcx : at::Tensor(), need(3) ? at::mm(dG.t(), input) : at::Tensor(),
             need(4) ? at::mm(dG.t(), hx) : at::Tensor(), b_ih.defined() ? gb : at::Tensor(),
             // Two tensors, as torch.nn.LSTMCell gives: a caller may scale one in place.
-            b_hh.defined() ? (b_ih.defined() ? gb.clone() : gb) : at::Tensor()};
+            b_hh.defined() ? (b_ih.defined() && gb.defined() ? gb.clone() : gb) : at::Tensor()};
   }
 
  private:
