@@ -22,8 +22,8 @@ THREAD_CASES = [
 def test_float64_results_do_not_depend_on_thread_count(case):
     # torch.nn.LSTM gives bitwise the same float64 outputs and gradients with 1, 2 or 3 threads; so
     # must fastlstm (its blocks of hidden units are sized by H alone, never by the thread count).
-    # float32 is not asserted: the input and w_ih gradients are MKL GEMMs (at::mm), whose float32
-    # summation order changes with the thread count.
+    # float32: see the brgemm test below; below 64 rows, or without brgemm, the input and w_ih
+    # gradients are MKL GEMMs (at::mm), whose float32 summation order may change with the threads.
     case = dict(case)
     T, B, I, H = (case.pop(k) for k in "TBIH")
     lengths = case.pop("lengths", None)
@@ -32,6 +32,47 @@ def test_float64_results_do_not_depend_on_thread_count(case):
     D = 2 if model.bidirectional else 1
     hx = (torch.randn(model.num_layers * D, B, model.proj_size or H, dtype=torch.float64),
           torch.randn(model.num_layers * D, B, H, dtype=torch.float64))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, h, c, grads = run(model, inp, hx, [x])
+            results[threads] = [getattr(out, "data", out), h, c, *grads]
+    finally:
+        torch.set_num_threads(before)
+    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
+    for threads in (2, 3):
+        for name, a, b in zip(names, results[1], results[threads]):
+            assert torch.equal(a, b), (
+                f"{name}: {threads} threads differ from 1 by {(a - b).abs().max().item():.3g}")
+
+
+def _brgemm_float32():
+    # fastlstm's large float32 GEMMs run on oneDNN's brgemm where it runs (x86 with AVX-512 in this
+    # torch); ONEDNN_MAX_CPU_ISA below AVX-512 (CI's AVX2 pass) takes it away, and with it this path.
+    import os
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return (torch.backends.cpu.get_cpu_capability() == "AVX512" and fastlstm.backend("cpu") == "compiled"
+            and not isa.startswith(("AVX2", "SSE", "AVX_")) and isa not in ("AVX",))
+
+
+@pytest.mark.skipif(not _brgemm_float32(), reason="float32 brgemm path absent (no AVX-512 here)")
+@pytest.mark.parametrize("case", [dict(T=40, B=48, I=64, H=160),
+                                  dict(T=30, B=8, I=200, H=72, bidirectional=True,
+                                       lengths=[30, 22, 22, 9, 5, 5, 2, 1])],
+                         ids=["fixed", "bidir-lengths"])
+def test_float32_brgemm_results_do_not_depend_on_thread_count(case):
+    # With 64 rows or more, every float32 GEMM (input projection, recurrence, dX, dW_ih, dW_hh) runs on
+    # brgemm tiles fixed by the shape (NOTES.md entries 10, 12, 23, 24): float32 outputs and all
+    # gradients are then bitwise the same with 1, 2 or 3 threads, like float64 above.
+    case = dict(case)
+    T, B, I, H = (case.pop(k) for k in "TBIH")
+    lengths = case.pop("lengths", None)
+    model = fastlstm.LSTM(I, H, **case)
+    inp, x = make_input(T, B, I, torch.float32, lengths=lengths)
+    D = 2 if model.bidirectional else 1
+    hx = (torch.randn(D, B, H), torch.randn(D, B, H))
     before = torch.get_num_threads()
     results = {}
     try:
