@@ -17,6 +17,24 @@ THREAD_CASES = [
 ]
 
 
+def assert_same_with_1_2_3_threads(model, inp, hx, x):
+    """Outputs, final states and every gradient are bitwise equal with 1, 2 and 3 threads."""
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out, h, c, grads = run(model, inp, hx, [x])
+            results[threads] = [getattr(out, "data", out), h, c, *grads]
+    finally:
+        torch.set_num_threads(before)
+    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
+    for threads in (2, 3):
+        for name, a, b in zip(names, results[1], results[threads]):
+            assert torch.equal(a, b), (
+                f"{name}: {threads} threads differ from 1 by {(a - b).abs().max().item():.3g}")
+
+
 @pytest.mark.parametrize("case", THREAD_CASES,
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
 def test_float64_results_do_not_depend_on_thread_count(case):
@@ -32,20 +50,7 @@ def test_float64_results_do_not_depend_on_thread_count(case):
     D = 2 if model.bidirectional else 1
     hx = (torch.randn(model.num_layers * D, B, model.proj_size or H, dtype=torch.float64),
           torch.randn(model.num_layers * D, B, H, dtype=torch.float64))
-    before = torch.get_num_threads()
-    results = {}
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out, h, c, grads = run(model, inp, hx, [x])
-            results[threads] = [getattr(out, "data", out), h, c, *grads]
-    finally:
-        torch.set_num_threads(before)
-    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
-    for threads in (2, 3):
-        for name, a, b in zip(names, results[1], results[threads]):
-            assert torch.equal(a, b), (
-                f"{name}: {threads} threads differ from 1 by {(a - b).abs().max().item():.3g}")
+    assert_same_with_1_2_3_threads(model, inp, hx, x)
 
 
 def _brgemm_float32():
@@ -73,20 +78,7 @@ def test_float32_brgemm_results_do_not_depend_on_thread_count(case):
     inp, x = make_input(T, B, I, torch.float32, lengths=lengths)
     D = 2 if model.bidirectional else 1
     hx = (torch.randn(D, B, H), torch.randn(D, B, H))
-    before = torch.get_num_threads()
-    results = {}
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            out, h, c, grads = run(model, inp, hx, [x])
-            results[threads] = [getattr(out, "data", out), h, c, *grads]
-    finally:
-        torch.set_num_threads(before)
-    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
-    for threads in (2, 3):
-        for name, a, b in zip(names, results[1], results[threads]):
-            assert torch.equal(a, b), (
-                f"{name}: {threads} threads differ from 1 by {(a - b).abs().max().item():.3g}")
+    assert_same_with_1_2_3_threads(model, inp, hx, x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -510,7 +510,10 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t kk = std::min<int64_t>(16, K - k0);
         float rows[16 * mt];
-        for (int64_t r = 0; r < kk; ++r) std::copy(row_of(k0 + r) + m0, row_of(k0 + r) + m0 + m, rows + r * mt);
+        for (int64_t r = 0; r < kk; ++r) {
+          const float* a = row_of(k0 + r) + m0;
+          std::copy(a, a + m, rows + r * mt);
+        }
         transpose_tile(kk, m, rows, mt, buf.data() + k0, K);
       }
       for (int64_t n_tile = g * group; n_tile < std::min(n_tiles, (g + 1) * group); ++n_tile) {

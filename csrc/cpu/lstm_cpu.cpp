@@ -44,12 +44,7 @@ inline void for_rows(int64_t rows, int64_t row_cost, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
-// Gate/cell update of n hidden units of one batch row at one step. Gate q of unit j is at
-// pre[q * pre_stride + j] (the input part, in: pre-activation, out: post-activation) plus
-// rec[q * rec_stride + j] (the recurrent part) plus bias[q * pre_stride + j] (bias may be null).
-//   c: [n] cell state, updated in place; cell_out: [n] copy of the new c; m: [n] out: o * tanh(c)
-// The post-activations go to post[q * pre_stride + j] (post may be pre itself; a float16/bfloat16
-// post is the saved gates of a low-precision call, written rounded, with no float32 copy of them).
+// cnt values of v stored as post_t (rounded when post_t is float16/bfloat16).
 template <typename acc_t, typename post_t>
 inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
   if constexpr (std::is_same_v<post_t, acc_t>) {
@@ -61,6 +56,12 @@ inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
   }
 }
 
+// Gate/cell update of n hidden units of one batch row at one step. Gate q of unit j is the sum of
+// pre[q * pre_stride + j] (the input part, a pre-activation), rec[q * rec_stride + j] (the
+// recurrent part) and bias[q * pre_stride + j] (bias may be null); its post-activation goes to
+// post[q * pre_stride + j] (post may be pre itself; a float16/bfloat16 post is the saved gates of
+// a low-precision call, written rounded, with no float32 copy of them).
+//   c: [n] cell state, updated in place; cell_out: [n] copy of the new c; m: [n] out: o * tanh(c)
 template <typename acc_t, typename post_t>
 inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const acc_t* rec,
                          int64_t rec_stride, const acc_t* bias, acc_t* c, acc_t* cell_out, acc_t* m,
@@ -322,6 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // keeps them in gates_a itself.
   const bool low_gates = kLowPrecision && training;
   at::Tensor gates_low = low_gates ? at::empty({T, B, 4 * H}, input.options()) : at::Tensor();
+  scalar_t* gates_low_p = low_gates ? gates_low.data_ptr<scalar_t>() : nullptr;
   at::Tensor hidden = has_proj ? at::empty({training ? T : 1, B, H}, acc) : at::Tensor();
   at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
   h_buf[0].copy_(h0);
@@ -416,11 +418,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t b = 0; b < B; ++b) {
           acc_t* g = g_t + b * 4 * H + j0;
           acc_t* m = m_t + b * H + j0;
-          scalar_t* gl = low_gates ? gates_low.data_ptr<scalar_t>() + (t * B + b) * 4 * H + j0 : nullptr;
+          // The saved post-activations of this row (low_gates), else they go back into g.
+          scalar_t* gl = low_gates ? gates_low_p + (t * B + b) * 4 * H + j0 : nullptr;
           if (!act.active(b, t)) {
-            for (int q = 0; q < 4; ++q) std::fill(g + q * H, g + q * H + n, acc_t(0));
-            if (low_gates) {
-              for (int q = 0; q < 4; ++q) std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
+            for (int q = 0; q < 4; ++q) {
+              if (low_gates) {
+                std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
+              } else {
+                std::fill(g + q * H, g + q * H + n, acc_t(0));
+              }
             }
             if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
             std::fill(m, m + n, acc_t(0));
@@ -637,21 +643,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), 4 * H,
                              reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
   } else {
-    // h0 term first, [P, 4H] = h0^T @ dG_first (each sequence's gradient at its first processed
-    // step), then the shifted product over the steps that follow another.
     at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
-    if (T > 0) {
-      at::Tensor dG_first;  // [B, 4H]
-      if (!reverse) {
-        dG_first = dG[0];
-      } else if (!lengths.defined()) {
-        dG_first = dG[T - 1];
-      } else {
-        const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
-        dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
-      }
-      gw_hh_t.addmm_(h0.to(acc).t(), dG_first);
-    }
     if (T > 1) {
       const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
       const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
@@ -661,6 +653,18 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       } else {
         gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
       }
+    }
+    if (T > 0) {
+      at::Tensor dG_first;  // [B, 4H]: each sequence's gradient at its first processed step
+      if (!reverse) {
+        dG_first = dG[0];
+      } else if (!lengths.defined()) {
+        dG_first = dG[T - 1];
+      } else {
+        const at::Tensor idx = (lengths - 1).clamp_min(0).view({1, B, 1}).expand({1, B, 4 * H});
+        dG_first = dG.gather(0, idx).squeeze(0).mul((lengths > 0).to(acc).unsqueeze(1));
+      }
+      gw_hh_t.addmm_(h0.to(acc).t(), dG_first);
     }
     grad_w_hh = gw_hh_t.t().contiguous();
   }
