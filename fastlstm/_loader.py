@@ -139,3 +139,30 @@ def library_paths() -> list[str]:
     CPU), for C++ programs that load them (``torch.ops.load_library`` / ``dlopen``); empty if they
     were not loaded."""
     return list(_paths)
+
+
+def _cpu_cache_call(name: str) -> int:
+    if _isa is None:
+        return 0
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(_paths[-1]), name)  # the loaded CPU library (dlopen shares it)
+    fn.restype = ctypes.c_size_t
+    return int(fn())
+
+
+def empty_cpu_cache() -> int:
+    """Frees the large CPU blocks that fastlstm keeps for reuse and returns how many bytes that was.
+
+    The CPU kernels take their big buffers (workspaces, saved activations, outputs, gradients: from
+    1 MiB) from a cache of freed blocks instead of fresh memory, so that a training or inference loop
+    does not pay a page fault per 4 KiB on every call. The cache holds at most
+    ``FASTLSTM_CPU_CACHE_MB`` MiB (read once, when first needed; default 256, 0 turns it off), like the CUDA
+    caching allocator's ``torch.cuda.empty_cache()``; this gives the memory back now.
+    """
+    return _cpu_cache_call("fastlstm_cpu_cache_release")
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes of freed blocks the CPU block cache holds now (see ``empty_cpu_cache``)."""
+    return _cpu_cache_call("fastlstm_cpu_cache_bytes")

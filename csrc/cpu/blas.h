@@ -9,6 +9,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
+#include "cpu/block_cache.h"
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -148,7 +150,7 @@ template <typename RowOf>
 at::Tensor pack_vnni_panels(int64_t panels, int64_t K, int64_t nt, const RowOf& row_of) {
   TORCH_INTERNAL_ASSERT(K % 2 == 0);
   const int64_t K2 = K / 2;
-  at::Tensor out = at::empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
+  at::Tensor out = cached_empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
   auto* o = reinterpret_cast<uint32_t*>(out.data_ptr());
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     constexpr int64_t kTile = 64;
@@ -179,7 +181,7 @@ at::Tensor pack_vnni_panels(int64_t panels, int64_t K, int64_t nt, const RowOf& 
 inline at::Tensor pack_vnni_rows(const at::BFloat16* B, int64_t K, int64_t N, int64_t ldb, int64_t nt) {
   TORCH_INTERNAL_ASSERT(K % 2 == 0);
   const int64_t panels = (N + nt - 1) / nt, K2 = K / 2;
-  at::Tensor out = at::empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
+  at::Tensor out = cached_empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -426,7 +428,7 @@ inline void dot_rows_bf16(int64_t M, int64_t N, int64_t K, const at::BFloat16* A
 template <typename T>
 at::Tensor column_panels(const T* B, int64_t K, int64_t N, int64_t nt, const at::TensorOptions& opts) {
   const int64_t blocks = (N + nt - 1) / nt;
-  at::Tensor panels = at::empty({blocks, K, nt}, opts);
+  at::Tensor panels = cached_empty({blocks, K, nt}, opts);
   T* out = panels.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {

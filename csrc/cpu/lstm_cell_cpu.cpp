@@ -298,9 +298,16 @@ class LSTMCellFunction : public torch::autograd::Function<LSTMCellFunction> {
     const bool bias_needed = (b_ih.defined() && need(5)) ||
                              (b_hh.defined() && need(b_ih.defined() ? 6 : 5));
     const at::Tensor gb = bias_needed ? dG.sum(0) : at::Tensor();
-    return {need(0) ? at::mm(dG, w_ih) : at::Tensor(), need(1) ? at::mm(dG, w_hh) : at::Tensor(),
-            need(2) ? gcx : at::Tensor(), need(3) ? at::mm(dG.t(), input) : at::Tensor(),
-            need(4) ? at::mm(dG.t(), hx) : at::Tensor(), b_ih.defined() ? gb : at::Tensor(),
+    // The weight gradients (megabytes each step at large H) come from the block cache for ordinary
+    // CPU tensors: fresh pages would cost a page fault per 4 KiB (cpu/block_cache.h).
+    auto mm = [](const at::Tensor& a, const at::Tensor& b) {
+      if (!cpu::plain_cpu(a) || !cpu::plain_cpu(b)) return at::mm(a, b);
+      at::Tensor out = cpu::cached_empty({a.size(0), b.size(1)}, a.options());
+      return at::mm_out(out, a, b);
+    };
+    return {need(0) ? mm(dG, w_ih) : at::Tensor(), need(1) ? mm(dG, w_hh) : at::Tensor(),
+            need(2) ? gcx : at::Tensor(), need(3) ? mm(dG.t(), input) : at::Tensor(),
+            need(4) ? mm(dG.t(), hx) : at::Tensor(), b_ih.defined() ? gb : at::Tensor(),
             // Two tensors, as torch.nn.LSTMCell gives: a caller may scale one in place.
             b_hh.defined() ? (b_ih.defined() && gb.defined() ? gb.clone() : gb) : at::Tensor()};
   }

@@ -204,7 +204,7 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 template <typename acc_t>
 at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
-  at::Tensor panels = at::empty({blocks, P, 4 * nb}, w_hh.options());
+  at::Tensor panels = cpu::cached_empty({blocks, P, 4 * nb}, w_hh.options());
   const acc_t* w = w_hh.data_ptr<acc_t>();
   acc_t* out = panels.data_ptr<acc_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x_a = native ? input.reshape({T * B, I}) : input.reshape({T * B, I}).to(acc).contiguous();
   const at::Tensor w_ih_a = native ? w_ih.contiguous() : w_ih.to(acc).contiguous();
   at::Tensor w_ih_panels;
-  at::Tensor gates_a = at::empty({chunk, B, 4 * H}, acc);
+  at::Tensor gates_a = cpu::cached_empty({chunk, B, 4 * H}, acc);
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
@@ -317,14 +317,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor hT_buf = direct ? at::empty({2, P, B}, acc) : at::Tensor();  // h^T of h_buf
   if (direct) hT_buf[0].copy_(h0.t());
 
-  at::Tensor output = at::empty({T, B, P}, input.options());
-  at::Tensor cells = training ? at::empty({T, B, H}, acc) : at::Tensor();
+  at::Tensor output = cpu::cached_empty({T, B, P}, input.options());
+  at::Tensor cells = training ? cpu::cached_empty({T, B, H}, acc) : at::Tensor();
   // Saved post-activation gates of a float16/bfloat16 call (see `chunk`); float32/float64 training
   // keeps them in gates_a itself.
   const bool low_gates = kLowPrecision && training;
-  at::Tensor gates_low = low_gates ? at::empty({T, B, 4 * H}, input.options()) : at::Tensor();
+  at::Tensor gates_low = low_gates ? cpu::cached_empty({T, B, 4 * H}, input.options()) : at::Tensor();
   scalar_t* gates_low_p = low_gates ? gates_low.data_ptr<scalar_t>() : nullptr;
-  at::Tensor hidden = has_proj ? at::empty({training ? T : 1, B, H}, acc) : at::Tensor();
+  at::Tensor hidden = has_proj ? cpu::cached_empty({training ? T : 1, B, H}, acc) : at::Tensor();
   at::Tensor h_buf = at::empty({2, B, P}, acc);  // h_{t-1} and h_t
   h_buf[0].copy_(h0);
   at::Tensor hb_buf = native ? at::empty({2, B, P}, input.options()) : at::Tensor();  // h_buf in bf16
@@ -507,7 +507,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // GEMMs after the loop on oneDNN's bf16 matmul. Float32 accumulation throughout.
   const bool native = std::is_same_v<scalar_t, at::BFloat16> && cpu::brgemm_bf16_usable();
   const bool native_dh = native && B > 2;
-  at::Tensor dG_low = native ? at::empty({T, B, 4 * H}, input.options()) : at::Tensor();
+  at::Tensor dG_low = native ? cpu::cached_empty({T, B, 4 * H}, input.options()) : at::Tensor();
   const at::Tensor w_hh_panels =
       native_dh ? cpu::pack_vnni_rows(reinterpret_cast<const at::BFloat16*>(w_hh.contiguous().data_ptr()),
                                       4 * H, P, P, kPanel)
@@ -515,9 +515,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
                 : at::Tensor();
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
 
-  at::Tensor dG = at::empty({T, B, 4 * H}, acc);
+  at::Tensor dG = cpu::cached_empty({T, B, 4 * H}, acc);
   // Gradient of h_t (after the step) for every step: needed for grad_w_hr; one step's worth otherwise.
-  at::Tensor dH = at::empty({has_proj ? T : 1, B, P}, acc);
+  at::Tensor dH = cpu::cached_empty({has_proj ? T : 1, B, P}, acc);
   at::Tensor dm_step = has_proj ? at::empty({B, H}, acc) : at::Tensor();
   at::Tensor dh = grad_h_n.to(acc).contiguous().clone();  // [B, P]
   at::Tensor dc = grad_c_n.to(acc).contiguous().clone();  // [B, H]
@@ -606,10 +606,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       // and only chunks of the input are transposed.
       const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
       const at::Tensor w_ih_panels = cpu::column_panels<float>(w_ih_a.data_ptr<float>(), 4 * H, I, kPanel, acc);
-      grad_input = at::empty({T, B, I}, acc);
+      grad_input = cpu::cached_empty({T, B, I}, acc);
       cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, 4 * H, w_ih_panels, kPanel,
                                 grad_input.data_ptr<float>(), I);
-      grad_w_ih = at::empty({4 * H, I}, acc);
+      grad_w_ih = cpu::cached_empty({4 * H, I}, acc);
       const float* xp = x2.data_ptr<float>();
       cpu::weight_grad_blocked(I, 4 * H, T * B, [&](int64_t k) { return xp + k * I; }, dG_all, 4 * H,
                                grad_w_ih.data_ptr<float>(), I);
@@ -629,7 +629,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     // One product over all T*B rows: the row paired with dG's row of step t is the h that step read,
     // the output of the step processed before it, or h0 at each sequence's first processed step
     // (in reverse with lengths, step len - 1; rows past a length have dG = 0).
-    grad_w_hh = at::empty({4 * H, P}, acc);
+    grad_w_hh = cpu::cached_empty({4 * H, P}, acc);
     const at::Tensor h0_a = h0.to(acc).contiguous();
     const at::Tensor out_c = out_a.contiguous();
     const float* h0p = reinterpret_cast<const float*>(h0_a.data_ptr());
@@ -643,7 +643,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), 4 * H,
                              reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
   } else {
-    at::Tensor gw_hh_t = at::zeros({P, 4 * H}, acc);  // grad_w_hh^T
+    at::Tensor gw_hh_t = cpu::cached_zeros({P, 4 * H}, acc);  // grad_w_hh^T
     if (T > 1) {
       const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
       const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
@@ -733,3 +733,13 @@ TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
 }
 
 }  // namespace fastlstm
+
+// For fastlstm.empty_cpu_cache() and cpu_cache_bytes() (through ctypes): the block cache of this
+// library (cpu/block_cache.h).
+extern "C" __attribute__((visibility("default"))) size_t fastlstm_cpu_cache_release() {
+  return fastlstm::cpu::block_cache().release();
+}
+
+extern "C" __attribute__((visibility("default"))) size_t fastlstm_cpu_cache_bytes() {
+  return fastlstm::cpu::block_cache().cached_bytes();
+}
