@@ -72,6 +72,13 @@ def test_larger_float32():
     _check(torch.float32, 20, 33, 40, 70, mode="sorted")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["padded", "sorted", "unsorted"])
+def test_wide_batch(dtype, mode):
+    # A batch that splits into several row tiles and vector widths, with and without lengths.
+    _check(dtype, 9, 33, 12, 40, bidirectional=True, mode=mode)
+
+
 def test_eval_mode_dropout_is_identity():
     fast, ref = make_pair(4, 6, num_layers=3, dropout=0.5)
     fast.eval(), ref.eval()

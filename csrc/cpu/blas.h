@@ -489,17 +489,23 @@ inline void transpose_tile(int64_t rows, int64_t cols, const T* src, int64_t lds
 // transposed for all K into a per-thread buffer [128, K] (so no transposed copy of the whole input
 // exists), then for each of its 64-wide column tiles of B accumulates the whole sum over K into a
 // tile that stays in cache and writes that tile, transposed, into G. Nothing is accumulated in
-// memory across passes, there is no [M, N] scratch, and tasks and chunks are fixed by the shape:
-// the result does not depend on the thread count. On AMD CPUs the MKL in torch's wheels runs float32
-// GEMMs at about half of brgemm's rate (cpu-limit.md, NOTES.md entries 12 and 24).
+// memory across passes and there is no [M, N] scratch. Each tile's sum is computed the same way
+// (the same K chunks) whichever task and thread computes it: the result does not depend on the
+// thread count. On AMD CPUs the MKL in torch's wheels runs float32 GEMMs at about half of brgemm's
+// rate (cpu-limit.md, NOTES.md entries 12 and 24).
 template <typename RowOf>
 void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
                          int64_t ldb, float* G, int64_t ldg) {
-  constexpr int64_t mt = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task
+  constexpr int64_t mt = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task, at most
   if (M == 0 || N == 0) return;
   const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
-  const int64_t n_groups = (n_tiles + group - 1) / group;
   const int64_t threads = at::get_num_threads();
+  // A group's tiles share one transposed strip of A, so larger groups transpose less; but a small M
+  // (one or two strips: H = 128) needs its column tiles split into a task per thread, or one thread
+  // would do the whole product (NOTES.md entry 31).
+  const int64_t n_groups = std::min(
+      n_tiles, std::max((n_tiles + group - 1) / group, (threads + m_tiles - 1) / m_tiles));
+  const int64_t per_group = (n_tiles + n_groups - 1) / n_groups;
   std::vector<std::vector<float>> bufs(threads);
   at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float>& buf = bufs[at::get_thread_num() % threads];
@@ -508,6 +514,7 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / n_groups) * mt, m = std::min(mt, M - m0);
       const int64_t g = task % n_groups;
+      if (g * per_group >= n_tiles) continue;  // rounding can leave the last groups empty
       // buf[i, k] = A[k, m0 + i]: 16 rows of A at a time, transposed in registers.
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t kk = std::min<int64_t>(16, K - k0);
@@ -518,7 +525,7 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
         }
         transpose_tile(kk, m, rows, mt, buf.data() + k0, K);
       }
-      for (int64_t n_tile = g * group; n_tile < std::min(n_tiles, (g + 1) * group); ++n_tile) {
+      for (int64_t n_tile = g * per_group; n_tile < std::min(n_tiles, (g + 1) * per_group); ++n_tile) {
         const int64_t n0 = n_tile * nt, n = std::min(nt, N - n0);
         if (K == 0) std::fill(tile, tile + mt * nt, 0.f);
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
