@@ -142,33 +142,39 @@ inline bool brgemm_bf16_usable() {
   return usable;
 }
 
+template <typename T>
+inline void transpose_tile(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd);
+
 // bfloat16 column panels of B = w^T in brgemm's VNNI layout: [panels, K / 2, nt, 2] (K even),
 // element (k, c) of panel p at ((k / 2) * nt + c) * 2 + k % 2, zero where row_of(p, c) is null.
 // row_of(p, c) is the row of w ([*, K] row-major) that is column c of panel p. A pair of bfloat16 is
-// one 32-bit word, so this is a transpose of 32-bit words, done in tiles that stay in L1.
+// one 32-bit word, so this is a transpose of 32-bit words: 16 columns' rows at a time, copied 16 words
+// each into an L1 tile and transposed in registers (transpose_tile moves the words' bits unchanged).
 template <typename RowOf>
 at::Tensor pack_vnni_panels(int64_t panels, int64_t K, int64_t nt, const RowOf& row_of) {
   TORCH_INTERNAL_ASSERT(K % 2 == 0);
   const int64_t K2 = K / 2;
   at::Tensor out = cached_empty({panels, K2, nt, 2}, at::TensorOptions().dtype(at::kBFloat16));
-  auto* o = reinterpret_cast<uint32_t*>(out.data_ptr());
+  auto* o = reinterpret_cast<float*>(out.data_ptr());  // 32-bit words, moved as floats
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    constexpr int64_t kTile = 64;
+    constexpr int64_t kTile = 16;
+    float tile[kTile * kTile];
     for (int64_t p = p0; p < p1; ++p) {
-      uint32_t* dst = o + p * K2 * nt;
-      for (int64_t k0 = 0; k0 < K2; k0 += kTile) {
-        const int64_t k1 = std::min(K2, k0 + kTile);
-        for (int64_t c = 0; c < nt; ++c) {
-          const auto* src = reinterpret_cast<const uint32_t*>(row_of(p, c));
-          if (src == nullptr) {
-            for (int64_t k2 = k0; k2 < k1; ++k2) dst[k2 * nt + c] = 0;
-          } else {
-            uint32_t word;
-            for (int64_t k2 = k0; k2 < k1; ++k2) {
-              std::memcpy(&word, src + k2, sizeof(word));  // rows need only 2-byte alignment
-              dst[k2 * nt + c] = word;
+      float* dst = o + p * K2 * nt;
+      for (int64_t c0 = 0; c0 < nt; c0 += kTile) {
+        const int64_t cn = std::min(kTile, nt - c0);
+        const char* src[kTile];
+        for (int64_t c = 0; c < cn; ++c) src[c] = reinterpret_cast<const char*>(row_of(p, c0 + c));
+        for (int64_t k0 = 0; k0 < K2; k0 += kTile) {
+          const int64_t kk = std::min(kTile, K2 - k0);
+          for (int64_t c = 0; c < cn; ++c) {
+            if (src[c] == nullptr) {
+              std::fill(tile + c * kTile, tile + c * kTile + kk, 0.f);
+            } else {
+              std::memcpy(tile + c * kTile, src[c] + k0 * 4, kk * 4);  // rows need only 2-byte alignment
             }
           }
+          transpose_tile(cn, kk, tile, kTile, dst + k0 * nt + c0, nt);
         }
       }
     }

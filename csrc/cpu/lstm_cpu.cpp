@@ -200,7 +200,7 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 
 // w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
 // hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
-// A transposing copy: for each p, the 4 * nb source rows' cache lines stay in L1 across consecutive p.
+// Each gate's rows of a block are transposed into their columns in 16 x 16 tiles (transpose_tile).
 template <typename acc_t>
 at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
@@ -211,11 +211,10 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t j0 = k * nb, n = std::min(nb, H - j0);
       acc_t* dst = out + k * P * 4 * nb;
-      for (int64_t p = 0; p < P; ++p, dst += 4 * nb) {
-        for (int64_t q = 0; q < 4; ++q) {
-          const acc_t* src = w + (q * H + j0) * P + p;
-          for (int64_t jj = 0; jj < n; ++jj) dst[q * nb + jj] = src[jj * P];
-          for (int64_t jj = n; jj < nb; ++jj) dst[q * nb + jj] = acc_t(0);
+      for (int64_t q = 0; q < 4; ++q) {
+        cpu::transpose_tile(n, P, w + (q * H + j0) * P, P, dst + q * nb, 4 * nb);
+        for (int64_t p = 0; n < nb && p < P; ++p) {
+          std::fill(dst + p * 4 * nb + q * nb + n, dst + p * 4 * nb + (q + 1) * nb, acc_t(0));
         }
       }
     }
