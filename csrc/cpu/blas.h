@@ -72,8 +72,9 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
 }
 
 // Whether torch's oneDNN batch-reduce GEMM micro-kernel runs fp32 here (it needs oneDNN's ukernel
-// support, x86 with AVX-512 in current torch). Probed once on a small product; FASTLSTM_CPU_GEMM=blas
-// turns it off (for comparisons).
+// support: x86 with AVX-512 or AVX2 in torch 2.13; with ONEDNN_MAX_CPU_ISA=AVX2 it runs its AVX2
+// kernels, at half the AVX-512 rate). Probed once on a small product; FASTLSTM_CPU_GEMM=blas turns
+// it off (for comparisons).
 inline bool brgemm_usable() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   static const bool usable = [] {
