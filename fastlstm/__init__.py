@@ -13,5 +13,6 @@ from .lstm import LSTM, replace_lstm
 from ._loader import cpu_cache_bytes, empty_cpu_cache, library_paths
 from .ops import backend
 
-__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "cpu_cache_bytes", "empty_cpu_cache", "library_paths", "onnx", "ops", "reference"]
+__all__ = ["LSTM", "LSTMCell", "replace_lstm", "backend", "cpu_cache_bytes", "empty_cpu_cache",
+           "library_paths", "onnx", "ops", "reference"]
 __version__ = "0.1.0"

@@ -157,8 +157,8 @@ def empty_cpu_cache() -> int:
     The CPU kernels take their big buffers (workspaces, saved activations, outputs, gradients: from
     1 MiB) from a cache of freed blocks instead of fresh memory, so that a training or inference loop
     does not pay a page fault per 4 KiB on every call. The cache holds at most
-    ``FASTLSTM_CPU_CACHE_MB`` MiB (read once, when first needed; default 256, 0 turns it off), like the CUDA
-    caching allocator's ``torch.cuda.empty_cache()``; this gives the memory back now.
+    ``FASTLSTM_CPU_CACHE_MB`` MiB (read once, when first needed; default 256, 0 turns it off). Like
+    the CUDA caching allocator's ``torch.cuda.empty_cache()``, this gives the memory back now.
     """
     return _cpu_cache_call("fastlstm_cpu_cache_release")
 

@@ -17,8 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
-#include <c10/core/alignment.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>

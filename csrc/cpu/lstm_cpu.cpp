@@ -213,7 +213,8 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
       acc_t* dst = out + k * P * 4 * nb;
       for (int64_t q = 0; q < 4; ++q) {
         cpu::transpose_tile(n, P, w + (q * H + j0) * P, P, dst + q * nb, 4 * nb);
-        for (int64_t p = 0; n < nb && p < P; ++p) {
+        if (n == nb) continue;
+        for (int64_t p = 0; p < P; ++p) {  // units past H (the last block)
           std::fill(dst + p * 4 * nb + q * nb + n, dst + p * 4 * nb + (q + 1) * nb, acc_t(0));
         }
       }
@@ -266,8 +267,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // float16/bfloat16 training also projects in chunks: its saved gates are a separate
   // low-precision tensor that the gate math writes directly.
   const int64_t chunk =
-      training && !kLowPrecision ? T : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
-                                         std::max<int64_t>(T, 1));
+      training && !kLowPrecision
+          ? T
+          : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
+                                std::max<int64_t>(T, 1));
   // bfloat16 where brgemm multiplies it natively (avx512_bf16): the input projection and the
   // recurrent product read bfloat16 operands (packed weight panels in VNNI layout; h is bfloat16
   // anyway, being rounded each step) and accumulate in float32; the gate math stays float32.
