@@ -79,6 +79,14 @@ def test_wide_batch(dtype, mode):
     _check(dtype, 9, 33, 12, 40, bidirectional=True, mode=mode)
 
 
+@pytest.mark.parametrize("dtype,H", [(torch.float32, 256), (torch.float64, 128)])
+@pytest.mark.parametrize("mode", ["padded", "unsorted"])
+def test_padded_gate_gradient_rows(dtype, H, mode):
+    # 4H values fill a multiple of 4 KiB: the backward keeps the gate gradients in rows padded past
+    # 4H (NOTES.md entry 35). An input width of 37 leaves partial blocks in every transpose.
+    _check(dtype, 5, 17, 37, H, bidirectional=True, mode=mode)
+
+
 def test_eval_mode_dropout_is_identity():
     fast, ref = make_pair(4, 6, num_layers=3, dropout=0.5)
     fast.eval(), ref.eval()

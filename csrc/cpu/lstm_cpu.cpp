@@ -517,7 +517,14 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
                 : at::Tensor();
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
 
-  at::Tensor dG = cpu::cached_empty({T, B, 4 * H}, acc);
+  // dG's rows are 4H apart, or 64 bytes more where 4H values fill a multiple of 4 KiB (H a multiple
+  // of 256 in float32): the weight gradients' brgemm reads dG's rows one after another as its B
+  // operand, and rows 4 KiB apart share their cache sets. On AVX2 that ran at 57% speed (NOTES.md
+  // entry 35). The padding is never read.
+  const int64_t ldg = (4 * H * static_cast<int64_t>(sizeof(acc_t))) % 4096 == 0
+                          ? 4 * H + 64 / static_cast<int64_t>(sizeof(acc_t))
+                          : 4 * H;
+  at::Tensor dG = cpu::cached_empty({T, B, ldg}, acc).narrow(2, 0, 4 * H);
   // Gradient of h_t (after the step) for every step: needed for grad_w_hr; one step's worth otherwise.
   at::Tensor dH = cpu::cached_empty({has_proj ? T : 1, B, P}, acc);
   at::Tensor dm_step = has_proj ? at::empty({B, H}, acc) : at::Tensor();
@@ -554,10 +561,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       dm_t = dm_step.data_ptr<acc_t>();
     }
 
-    acc_t* dG_t = dG_all + t * B * 4 * H;
+    acc_t* dG_t = dG_all + t * B * ldg;
     for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        acc_t* dg = dG_t + b * 4 * H;
+        acc_t* dg = dG_t + b * ldg;
         if (!act.active(b, t)) {
           std::fill(dg, dg + 4 * H, acc_t(0));
         } else {
@@ -578,9 +585,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
                               reinterpret_cast<const at::BFloat16*>(dG_low.data_ptr()) + t * B * 4 * H,
                               4 * H, w_hh_panels, kPanel, reinterpret_cast<float*>(dhq), P);
     } else if (w_hh_panels.defined()) {
-      cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_panels, kPanel, dhq, P);
+      cpu::matmul_panels<acc_t>(rows, P, 4 * H, dG_t, ldg, w_hh_panels, kPanel, dhq, P);
     } else {
-      cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, 4 * H, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
+      cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, ldg, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
     }
     for (int64_t b = 0; b < rows; ++b) {
       if (!act.active(b, t)) continue;
@@ -609,11 +616,11 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       const at::Tensor w_ih_a = w_ih.to(acc).contiguous();
       const at::Tensor w_ih_panels = cpu::column_panels<float>(w_ih_a.data_ptr<float>(), 4 * H, I, kPanel, acc);
       grad_input = cpu::cached_empty({T, B, I}, acc);
-      cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, 4 * H, w_ih_panels, kPanel,
+      cpu::matmul_panels<float>(T * B, I, 4 * H, dG_all, ldg, w_ih_panels, kPanel,
                                 grad_input.data_ptr<float>(), I);
       grad_w_ih = cpu::cached_empty({4 * H, I}, acc);
       const float* xp = x2.data_ptr<float>();
-      cpu::weight_grad_blocked(I, 4 * H, T * B, [&](int64_t k) { return xp + k * I; }, dG_all, 4 * H,
+      cpu::weight_grad_blocked(I, 4 * H, T * B, [&](int64_t k) { return xp + k * I; }, dG_all, ldg,
                                grad_w_ih.data_ptr<float>(), I);
     }
   }
@@ -642,7 +649,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       const bool first = reverse ? (t == T - 1 || (len != nullptr && t + 1 >= len[b])) : t == 0;
       return first ? h0p + b * P : op + ((reverse ? t + 1 : t - 1) * B + b) * P;
     };
-    cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), 4 * H,
+    cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), ldg,
                              reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
   } else {
     at::Tensor gw_hh_t = cpu::cached_zeros({P, 4 * H}, acc);  // grad_w_hh^T
