@@ -40,8 +40,8 @@ def assert_same_with_1_2_3_threads(model, inp, hx, x):
 def test_float64_results_do_not_depend_on_thread_count(case):
     # torch.nn.LSTM gives bitwise the same float64 outputs and gradients with 1, 2 or 3 threads; so
     # must fastlstm (its blocks of hidden units are sized by H alone, never by the thread count).
-    # float32: see the brgemm test below; below 64 rows, or without brgemm, the input and w_ih
-    # gradients are MKL GEMMs (at::mm), whose float32 summation order may change with the threads.
+    # float32: see the brgemm test below; without brgemm its GEMMs are MKL's (at::mm), whose float32
+    # summation order may change with the threads.
     case = dict(case)
     T, B, I, H = (case.pop(k) for k in "TBIH")
     lengths = case.pop("lengths", None)
@@ -56,32 +56,36 @@ def test_float64_results_do_not_depend_on_thread_count(case):
 def _brgemm_float32():
     # fastlstm's large float32 GEMMs run on oneDNN's brgemm micro-kernel where oneDNN has one for the
     # CPU: AVX-512, and AVX2 (measured here with ONEDNN_MAX_CPU_ISA=AVX2: 115-130 GFLOP/s a core,
-    # half the AVX-512 rate). Below AVX2 (older x86, other architectures) the MKL/ATen path runs.
+    # half the AVX-512 rate). Below AVX2 (older x86, other architectures), or with
+    # FASTLSTM_CPU_GEMM=blas, the MKL/ATen path runs.
     import os
     import platform
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     return (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
             and fastlstm.backend("cpu") == "compiled"
-            and not isa.startswith(("SSE", "AVX_")) and isa not in ("AVX",))
+            and not isa.startswith(("SSE", "AVX_")) and isa not in ("AVX",)
+            and os.environ.get("FASTLSTM_CPU_GEMM") != "blas")
 
 
 @pytest.mark.skipif(not _brgemm_float32(), reason="no oneDNN brgemm for this CPU (needs AVX2 or AVX-512)")
-@pytest.mark.parametrize("case", [dict(T=40, B=48, I=64, H=160),
-                                  dict(T=30, B=8, I=200, H=72, bidirectional=True,
-                                       lengths=[30, 22, 22, 9, 5, 5, 2, 1])],
-                         ids=["fixed", "bidir-lengths"])
+@pytest.mark.parametrize("case", THREAD_CASES + [
+    dict(T=30, B=8, I=200, H=72, bidirectional=True, lengths=[30, 22, 22, 9, 5, 5, 2, 1]),
+    dict(T=5, B=7, I=3000, H=100, proj_size=50, bidirectional=True)],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
 def test_float32_brgemm_results_do_not_depend_on_thread_count(case):
-    # With 64 rows or more, every float32 GEMM (input projection, recurrence, dX, dW_ih, dW_hh) runs on
-    # brgemm tiles fixed by the shape (NOTES.md entries 10, 12, 23, 24): float32 outputs and all
-    # gradients are then bitwise the same with 1, 2 or 3 threads, like float64 above.
+    # Every float32 GEMM (input projection from 64 rows, recurrence, projection to proj_size, dX,
+    # dW_ih, dW_hh, dW_hr) runs on brgemm tiles fixed by the shape (NOTES.md entries 10, 12, 23, 24,
+    # 37): float32 outputs and all gradients are then bitwise the same with 1, 2 or 3 threads, like
+    # float64 above (torch.nn.LSTM's float32 output with proj_size is not).
     case = dict(case)
     T, B, I, H = (case.pop(k) for k in "TBIH")
     lengths = case.pop("lengths", None)
     model = fastlstm.LSTM(I, H, **case)
     inp, x = make_input(T, B, I, torch.float32, lengths=lengths)
     D = 2 if model.bidirectional else 1
-    hx = (torch.randn(D, B, H), torch.randn(D, B, H))
+    hx = (torch.randn(model.num_layers * D, B, model.proj_size or H),
+          torch.randn(model.num_layers * D, B, H))
     assert_same_with_1_2_3_threads(model, inp, hx, x)
 
 

@@ -176,9 +176,10 @@ at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// From this many rows on, the large float32 GEMMs (input projection, backward) run on brgemm tiles
-// rather than at::mm. On AMD CPUs the MKL in torch's wheels runs float32 at about half of brgemm's
-// rate (NOTES.md entry 12); below this, packing w_ih would cost more than the product.
+// From this many rows on, the float32 input projection runs on brgemm tiles rather than at::mm (and
+// native bfloat16's backward products on oneDNN's matmul). On AMD CPUs the MKL in torch's wheels runs
+// float32 at about half of brgemm's rate (NOTES.md entry 12); below this, packing w_ih would cost
+// more than the product (a decoding step). The float32 backward runs on brgemm at every size.
 constexpr int64_t kBrgemmMinRows = 64;
 
 // Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I]. Products of kBrgemmMinRows rows or more
@@ -314,6 +315,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     panels = pack_gate_panels<acc_t>(w_hh_a, H, nb);
   }
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
+  // float32 on brgemm: the projection h = m @ w_hr^T in column blocks of w_hr^T (fixed by the shape,
+  // so the result does not depend on the thread count, as an MKL call's did).
+  const bool proj_blocks = has_proj && std::is_same_v<acc_t, float> && cpu::brgemm_usable();
+  const at::Tensor w_hr_t = proj_blocks ? w_hr_a.t().contiguous() : at::Tensor();  // [H, P]
   // Per thread: the block's recurrent pre-activations [B, 4nb] and, for `direct`, their transpose.
   at::Tensor scratch = at::empty({at::get_num_threads(), direct ? 2 : 1, B, 4 * nb}, acc);
   at::Tensor hT_buf = direct ? at::empty({2, P, B}, acc) : at::Tensor();  // h^T of h_buf
@@ -455,8 +460,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
     if (has_proj) {
       acc_t* hq = h_proj.data_ptr<acc_t>();
-      cpu::gemm<acc_t>(false, true, rows, P, H, acc_t(1), m_t, H, w_hr_a.data_ptr<acc_t>(), H,
-                       acc_t(0), hq, P);
+      if (proj_blocks) {
+        cpu::matmul_cols<acc_t>(rows, P, H, m_t, H, w_hr_t.data_ptr<acc_t>(), P, hq, P);
+      } else {
+        cpu::gemm<acc_t>(false, true, rows, P, H, acc_t(1), m_t, H, w_hr_a.data_ptr<acc_t>(), H,
+                         acc_t(0), hq, P);
+      }
       for (int64_t b = 0; b < B; ++b) {
         if (act.active(b, t)) {
           store_h<scalar_t, acc_t>(P, hq + b * P, h_next + b * P, out_t + b * P);
@@ -516,6 +525,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       : B > 2   ? cpu::column_panels<acc_t>(w_hh_a.data_ptr<acc_t>(), 4 * H, P, kPanel, acc)
                 : at::Tensor();
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
+  const bool proj_blocks = has_proj && std::is_same_v<acc_t, float> && cpu::brgemm_usable();
 
   // dG's rows are 4H apart, or 64 bytes more where 4H values fill a multiple of 4 KiB (H a multiple
   // of 256 in float32): the weight gradients' brgemm reads dG's rows one after another as its B
@@ -556,8 +566,13 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     }
     const acc_t* dm_t = dH_t;
     if (has_proj) {
-      cpu::gemm<acc_t>(false, false, rows, H, P, acc_t(1), dH_t, P, w_hr_a.data_ptr<acc_t>(), H,
-                       acc_t(0), dm_step.data_ptr<acc_t>(), H);
+      if (proj_blocks) {  // as in the forward: column blocks fixed by the shape
+        cpu::matmul_cols<acc_t>(rows, H, P, dH_t, P, w_hr_a.data_ptr<acc_t>(), H,
+                                dm_step.data_ptr<acc_t>(), H);
+      } else {
+        cpu::gemm<acc_t>(false, false, rows, H, P, acc_t(1), dH_t, P, w_hr_a.data_ptr<acc_t>(), H,
+                         acc_t(0), dm_step.data_ptr<acc_t>(), H);
+      }
       dm_t = dm_step.data_ptr<acc_t>();
     }
 
@@ -601,8 +616,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // Native bfloat16 (see above): at::mm in bfloat16 is oneDNN's matmul, float32 accumulation
   // inside, a bfloat16 result (the gradients' dtype).
   const bool native_mm = native && T * B >= kBrgemmMinRows;
-  const bool blocked = !native_mm && std::is_same_v<acc_t, float> && cpu::brgemm_usable() &&
-                       T * B >= kBrgemmMinRows;
+  // float32 on brgemm also below kBrgemmMinRows rows: MKL splits a product over a long K (4H) among
+  // threads, so at::mm's grad_input changed in the last bit with the thread count; brgemm tiles
+  // are fixed by the shape.
+  const bool blocked = !native_mm && std::is_same_v<acc_t, float> && cpu::brgemm_usable();
   const at::Tensor dG_low2 = native ? dG_low.view({T * B, 4 * H}) : at::Tensor();
   if (native_mm) {
     grad_input = at::mm(dG_low2, w_ih.contiguous()).view({T, B, I});
@@ -678,9 +695,18 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     grad_w_hh = gw_hh_t.t().contiguous();
   }
 
-  at::Tensor grad_w_hr = has_proj
-                             ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))
-                             : at::empty({0}, input.options());
+  at::Tensor grad_w_hr;
+  if (proj_blocks) {  // grad_w_hr [P, H] = dH^T @ hidden, on brgemm tiles fixed by the shape
+    grad_w_hr = cpu::cached_empty({P, H}, acc);
+    const at::Tensor hidden_a = hidden.to(acc).contiguous();
+    const float* hp = reinterpret_cast<const float*>(hidden_a.data_ptr());
+    cpu::weight_grad_blocked(H, P, T * B, [&](int64_t k) { return hp + k * H; },
+                             reinterpret_cast<const float*>(dH.data_ptr()), P,
+                             reinterpret_cast<float*>(grad_w_hr.data_ptr()), H);
+  } else {
+    grad_w_hr = has_proj ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))
+                         : at::empty({0}, input.options());
+  }
   return {grad_input.to(dtype), dh.to(dtype), dc.to(dtype), grad_w_ih.to(dtype),
           grad_w_hh.to(dtype), grad_bias.to(dtype), grad_w_hr.to(dtype)};
 }
