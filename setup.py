@@ -48,10 +48,13 @@ def _want_cuda():
 CPU_ISAS = {
     "generic": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    # -Wno-maybe-uninitialized: GCC 12 reports its own AVX-512 intrinsics (avx512fintrin.h, used by
-    # at::vec) hundreds of times; a known false positive that would bury real warnings.
+    # -Wno-maybe-uninitialized, -Wno-uninitialized: GCC 12 reports its own AVX-512 intrinsics
+    # (avx512fintrin.h's _mm512_undefined_ps passthrough, used by at::vec and the gate math) as
+    # uninitialized, hundreds of times; a known false positive (GCC bug 105593) that would bury real
+    # warnings.
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-Wno-maybe-uninitialized"],
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-Wno-maybe-uninitialized",
+               "-Wno-uninitialized"],
 }
 
 
