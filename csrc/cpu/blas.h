@@ -212,8 +212,9 @@ inline at::Tensor pack_vnni_rows(const at::BFloat16* B, int64_t K, int64_t N, in
 // (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                                const at::Tensor& panels, int64_t nt, float* C, int64_t ldc) {
-  constexpr int64_t mt = 256;
-  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  constexpr int64_t kMt = 256;  // rows shared evenly among the tiles, as in matmul_panels
+  const int64_t m_tiles = (M + kMt - 1) / kMt, n_tiles = (N + nt - 1) / nt;
+  const int64_t mt = m_tiles > 0 ? (M + m_tiles - 1) / m_tiles : kMt;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -564,18 +565,34 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
 }
 
 // w [N, K] row-major (C = A @ w^T) as column panels of B = w^T: [ceil(N / nt), K, nt], zero past N.
+// w float32 and contiguous; each panel is nt rows of w transposed in register tiles (transpose_tile:
+// ATen's strided copy, which this was, took 2% of a small inference call, NOTES.md entry 39).
 inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + nt - 1) / nt;
-  at::Tensor padded = blocks * nt == N ? w : at::constant_pad_nd(w, {0, 0, 0, blocks * nt - N});
-  return padded.view({blocks, nt, K}).transpose(1, 2).contiguous();
+  at::Tensor out = cached_empty({blocks, K, nt}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * nt, n = std::min(nt, N - n0);
+      float* d = dst + b * K * nt;
+      transpose_tile(n, K, src + n0 * K, K, d, nt);
+      for (int64_t k = 0; n < nt && k < K; ++k) std::fill(d + k * nt + n, d + (k + 1) * nt, 0.f);
+    }
+  });
+  return out;
 }
 
 // C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt); in parallel over tiles.
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
                    int64_t nt, T* C, int64_t ldc) {
-  constexpr int64_t mt = 256;  // a tile of A (and one panel of B) stays in L2 across the panels
-  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  // A tile of A (at most kMt rows) stays in L2 across the panels. The rows are shared evenly among
+  // the tiles: a short last tile left the thread that got it idle at the end (1600 rows, 2 threads:
+  // 446 GFLOP/s, NOTES.md entry 39). The tiles depend on M alone, never on the thread count.
+  constexpr int64_t kMt = 256;
+  const int64_t m_tiles = (M + kMt - 1) / kMt, n_tiles = (N + nt - 1) / nt;
+  const int64_t mt = m_tiles > 0 ? (M + m_tiles - 1) / m_tiles : kMt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.
   const int64_t tile_work = std::min(mt, M) * nt * K;

@@ -25,7 +25,7 @@ using at::vec::Vectorized;
 // to 0 on its own and keeps NaN; the reciprocal in sigmoid and tanh is vrcp14ps plus one Newton step
 // (about 1 ulp) instead of a division.
 namespace detail {
-inline __m512 exp_ps(__m512 x) {
+C10_ALWAYS_INLINE __m512 exp_ps(__m512 x) {
   // Clamped to +-100 (exp overflows or underflows well inside); min/max return their second
   // operand, x, when x is NaN, so NaN passes through.
   x = _mm512_max_ps(_mm512_set1_ps(-100.f), _mm512_min_ps(_mm512_set1_ps(100.f), x));
@@ -44,7 +44,7 @@ inline __m512 exp_ps(__m512 x) {
 }
 
 // 1 / (1 + e) for e >= 0 or NaN; exactly 0 where 1 + e is inf (Newton's step would give NaN there).
-inline __m512 recip_one_plus(__m512 e) {
+C10_ALWAYS_INLINE __m512 recip_one_plus(__m512 e) {
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 d = _mm512_add_ps(one, e);
   __m512 r = _mm512_rcp14_ps(d);
@@ -56,8 +56,10 @@ inline __m512 recip_one_plus(__m512 e) {
 }  // namespace detail
 #endif
 
+// Always inlined: each is a chain of dependent instructions that the callers interleave with
+// others (an out-of-line vtanh took 3% of a small inference call, NOTES.md entry 39).
 template <typename acc_t>
-inline Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
   if constexpr (std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     return detail::exp_ps(x);
@@ -77,7 +79,7 @@ inline Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
 }
 
 template <typename acc_t>
-inline Vectorized<acc_t> vsigmoid(Vectorized<acc_t> x) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vsigmoid(Vectorized<acc_t> x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     return detail::recip_one_plus(detail::exp_ps(x.neg()));
@@ -88,7 +90,7 @@ inline Vectorized<acc_t> vsigmoid(Vectorized<acc_t> x) {
 }
 
 template <typename acc_t>
-inline Vectorized<acc_t> vtanh(Vectorized<acc_t> x) {
+C10_ALWAYS_INLINE Vectorized<acc_t> vtanh(Vectorized<acc_t> x) {
   if constexpr (std::is_same_v<acc_t, float>) {
     const Vectorized<acc_t> one(acc_t(1)), two(acc_t(2));
 #if defined(CPU_CAPABILITY_AVX512)
