@@ -116,3 +116,40 @@ def test_lstmcell_training_steps_touch_no_fresh_pages():
         torch.set_num_threads(before)
     pages = 2 * 4 * 1024 * 1024 * 4 // 4096  # the two weight gradients
     assert per_step < 0.05 * pages, f"{per_step:.0f} page faults a step (weight gradients: {pages} pages)"
+
+
+_MOVE_ON = r"""
+import resource, torch, fastlstm
+torch.set_num_threads(1)
+with torch.no_grad():
+    fastlstm.LSTM(128, 128)(torch.randn(100, 64, 128))  # its 13 MB of gates stay cached
+    small, x = fastlstm.LSTM(128, 128), torch.randn(50, 64, 128)  # 6.6 MB of gates, 1.6 MB output
+    for _ in range(3):
+        small(x)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        small(x)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10, fastlstm.cpu_cache_bytes())
+"""
+
+
+def test_a_full_cache_makes_room_for_new_shapes():
+    """With the cap full of an earlier shape's blocks, a new shape's blocks replace the oldest ones
+    instead of being freed (and their pages faulted in again) on every call. A fixed mmap threshold
+    makes glibc return every block above 128 KiB to the kernel, as it always does for blocks above
+    32 MiB; the small buffers (under the cache's 1 MiB) still fault then, so the cache's run is
+    compared with a run without it."""
+    def faults_per_call(cache_mb):
+        env = dict(os.environ, FASTLSTM_CPU_CACHE_MB=cache_mb,
+                   GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072")
+        result = subprocess.run([sys.executable, "-c", _MOVE_ON], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        per_call, cached = (float(v) for v in result.stdout.split())
+        assert cached <= int(cache_mb) << 20
+        return per_call
+
+    off, cached = faults_per_call("0"), faults_per_call("16")
+    pages = (50 * 64 * 512 + 50 * 64 * 128) * 4 // 4096  # the call's gates and output
+    assert off > 0.5 * pages, f"without the cache only {off:.0f} page faults a call: no test"
+    assert cached < 0.15 * off, f"{cached:.0f} page faults a call with a full cache ({off:.0f} without it)"

@@ -10,8 +10,11 @@
 // so one that escapes to the user is safe: its block returns to the cache when it is freed.
 //
 // Blocks of kMinBytes or more are cached, up to FASTLSTM_CPU_CACHE_MB mebibytes in all (default 256;
-// 0 turns the cache off); a block that would exceed it is freed as before. fastlstm.empty_cpu_cache()
-// frees every cached block (fastlstm_cpu_cache_release below).
+// 0 turns the cache off). A freed block that would exceed the cap makes room by freeing the blocks
+// cached longest ago (least recently freed first): a process that moves on to other shapes gets its
+// new blocks cached instead of keeping the old ones and page-faulting on every call (NOTES.md entry
+// 40). A block larger than the cap is freed as before. fastlstm.empty_cpu_cache() frees every cached
+// block (fastlstm_cpu_cache_release below).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,8 +23,11 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 namespace fastlstm::cpu {
 
@@ -49,8 +55,9 @@ class BlockCache final : public c10::Allocator {
       auto it = free_.lower_bound(n);
       if (it != free_.end() && it->first <= n + n / 8) {
         size = it->first;
-        p = it->second;
+        p = it->second->second;
         cached_ -= size;
+        order_.erase(it->second);
         free_.erase(it);
       }
     }
@@ -64,10 +71,11 @@ class BlockCache final : public c10::Allocator {
 
   // Frees every cached block; returns the bytes freed.
   size_t release() {
-    std::multimap<size_t, void*> blocks;
+    std::list<std::pair<size_t, void*>> blocks;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      blocks.swap(free_);
+      blocks.swap(order_);
+      free_.clear();
       cached_ = 0;
     }
     size_t bytes = 0;
@@ -93,21 +101,37 @@ class BlockCache final : public c10::Allocator {
   static void give_back(void* ctx) {
     Block* b = static_cast<Block*>(ctx);
     BlockCache* cache = b->cache;
-    {
+    std::vector<void*> evicted;  // freed after the lock is released
+    bool kept = false;
+    if (b->size <= cache->cap_) {
       std::lock_guard<std::mutex> lock(cache->mu_);
-      if (cache->cached_ + b->size <= cache->cap_) {
-        cache->free_.emplace(b->size, b->p);
-        cache->cached_ += b->size;
-        delete b;
-        return;
+      while (cache->cached_ + b->size > cache->cap_) {  // the oldest blocks make room
+        const auto& [size, p] = cache->order_.back();
+        auto range = cache->free_.equal_range(size);
+        for (auto it = range.first; it != range.second; ++it) {
+          if (it->second == std::prev(cache->order_.end())) {
+            cache->free_.erase(it);
+            break;
+          }
+        }
+        evicted.push_back(p);
+        cache->cached_ -= size;
+        cache->order_.pop_back();
       }
+      cache->order_.emplace_front(b->size, b->p);
+      cache->free_.emplace(b->size, cache->order_.begin());
+      cache->cached_ += b->size;
+      kept = true;
     }
-    c10::free_cpu(b->p);
+    for (void* p : evicted) c10::free_cpu(p);
+    if (!kept) c10::free_cpu(b->p);
     delete b;
   }
 
   std::mutex mu_;
-  std::multimap<size_t, void*> free_;  // size -> block
+  // The cached blocks, most recently freed first, and an index of them by size.
+  std::list<std::pair<size_t, void*>> order_;
+  std::multimap<size_t, std::list<std::pair<size_t, void*>>::iterator> free_;
   size_t cached_ = 0;
   size_t cap_ = 0;
 };
