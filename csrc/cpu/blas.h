@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -208,13 +209,20 @@ inline at::Tensor pack_vnni_rows(const at::BFloat16* B, int64_t K, int64_t N, in
   return out;
 }
 
+// M rows in tiles of at most max_rows, the rows shared evenly among them: {tiles, rows per tile}.
+// A short last tile left the thread that got it idle at the end (1600 rows, 2 threads: 446
+// GFLOP/s, NOTES.md entry 39). The tiles depend on M alone, never on the thread count.
+inline std::pair<int64_t, int64_t> row_tiles(int64_t M, int64_t max_rows) {
+  const int64_t tiles = (M + max_rows - 1) / max_rows;
+  return {tiles, tiles > 0 ? (M + tiles - 1) / tiles : max_rows};
+}
+
 // C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
 // (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                                const at::Tensor& panels, int64_t nt, float* C, int64_t ldc) {
-  constexpr int64_t kMt = 256;  // rows shared evenly among the tiles, as in matmul_panels
-  const int64_t m_tiles = (M + kMt - 1) / kMt, n_tiles = (N + nt - 1) / nt;
-  const int64_t mt = m_tiles > 0 ? (M + m_tiles - 1) / m_tiles : kMt;
+  const std::pair<int64_t, int64_t> tiles = row_tiles(M, 256);
+  const int64_t m_tiles = tiles.first, mt = tiles.second, n_tiles = (N + nt - 1) / nt;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -507,6 +515,15 @@ inline void transpose_tile(int64_t rows, int64_t cols, const T* src, int64_t lds
   }
 }
 
+// n rows of a row-major matrix (K values each, lds apart) as the first n of `width` columns of a
+// panel (ldd): dst[k, c] = src[c, k], and 0 in columns n to width (units past the end).
+template <typename T>
+inline void rows_to_panel(int64_t n, int64_t width, int64_t K, const T* src, int64_t lds, T* dst,
+                          int64_t ldd) {
+  transpose_tile(n, K, src, lds, dst, ldd);
+  for (int64_t k = 0; n < width && k < K; ++k) std::fill(dst + k * ldd + n, dst + k * ldd + width, T(0));
+}
+
 // A weight gradient, float32 on brgemm: G[N, M] (ldg) = sum over k < K of B[k, :]^T a_k, where
 // B [K, N] (ldb, row-major) is the gate gradient dG read in place and a_k = row_of(k) [M] is the
 // k-th row of the layer input (or of the previous outputs; row_of may pick rows from different
@@ -575,9 +592,7 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * nt, n = std::min(nt, N - n0);
-      float* d = dst + b * K * nt;
-      transpose_tile(n, K, src + n0 * K, K, d, nt);
-      for (int64_t k = 0; n < nt && k < K; ++k) std::fill(d + k * nt + n, d + (k + 1) * nt, 0.f);
+      rows_to_panel(n, nt, K, src + n0 * K, K, dst + b * K * nt, nt);
     }
   });
   return out;
@@ -587,12 +602,8 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
                    int64_t nt, T* C, int64_t ldc) {
-  // A tile of A (at most kMt rows) stays in L2 across the panels. The rows are shared evenly among
-  // the tiles: a short last tile left the thread that got it idle at the end (1600 rows, 2 threads:
-  // 446 GFLOP/s, NOTES.md entry 39). The tiles depend on M alone, never on the thread count.
-  constexpr int64_t kMt = 256;
-  const int64_t m_tiles = (M + kMt - 1) / kMt, n_tiles = (N + nt - 1) / nt;
-  const int64_t mt = m_tiles > 0 ? (M + m_tiles - 1) / m_tiles : kMt;
+  const std::pair<int64_t, int64_t> tiles = row_tiles(M, 256);  // a tile of A stays in L2
+  const int64_t m_tiles = tiles.first, mt = tiles.second, n_tiles = (N + nt - 1) / nt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.
   const int64_t tile_work = std::min(mt, M) * nt * K;

@@ -231,7 +231,7 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 
 // w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
 // hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
-// Each gate's rows of a block are transposed into their columns in 16 x 16 tiles (transpose_tile).
+// Each gate's rows of a block are transposed into their columns in register tiles (rows_to_panel).
 template <typename acc_t>
 at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
@@ -243,11 +243,7 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
       const int64_t j0 = k * nb, n = std::min(nb, H - j0);
       acc_t* dst = out + k * P * 4 * nb;
       for (int64_t q = 0; q < 4; ++q) {
-        cpu::transpose_tile(n, P, w + (q * H + j0) * P, P, dst + q * nb, 4 * nb);
-        if (n == nb) continue;
-        for (int64_t p = 0; p < P; ++p) {  // units past H (the last block)
-          std::fill(dst + p * 4 * nb + q * nb + n, dst + p * 4 * nb + (q + 1) * nb, acc_t(0));
-        }
+        cpu::rows_to_panel(n, nb, P, w + (q * H + j0) * P, P, dst + q * nb, 4 * nb);
       }
     }
   });
