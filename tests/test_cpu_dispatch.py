@@ -18,17 +18,21 @@ THREAD_CASES = [
 
 
 def assert_same_with_1_2_3_threads(model, inp, hx, x):
-    """Outputs, final states and every gradient are bitwise equal with 1, 2 and 3 threads."""
+    """Outputs, final states and every gradient, and the outputs of an inference call (which projects
+    the input differently), are bitwise equal with 1, 2 and 3 threads."""
     before = torch.get_num_threads()
     results = {}
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             out, h, c, grads = run(model, inp, hx, [x])
-            results[threads] = [getattr(out, "data", out), h, c, *grads]
+            with torch.no_grad():
+                out_i, (h_i, c_i) = model(inp, hx)
+            results[threads] = [getattr(out, "data", out), h, c, *grads, getattr(out_i, "data", out_i), h_i, c_i]
     finally:
         torch.set_num_threads(before)
-    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
+    names = (["output", "h_n", "c_n", "grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
+             + ["inference output", "inference h_n", "inference c_n"])
     for threads in (2, 3):
         for name, a, b in zip(names, results[1], results[threads]):
             assert torch.equal(a, b), (
@@ -205,6 +209,47 @@ def test_each_lower_build_can_be_forced_and_gives_the_same_results(tmp_path):
             tol = dict(rtol=1e-10, atol=1e-12) if "float64" in key[0] else dict(rtol=2e-5, atol=2e-6)
             for a, b in zip(tensors, forced[key]):
                 torch.testing.assert_close(b, a, **tol, msg=lambda m, k=key, i=isa: f"{i} vs {current}, {k}: {m}")
+
+
+_PROJECTION_RUN = r"""
+import sys, torch, fastlstm
+torch.manual_seed(0)
+out = {}
+# Inference calls that take the per-block input projection by default (csrc/cpu/lstm_cpu.cpp,
+# use_block_projection): a partial last block, several tasks a step, bidirectional with lengths,
+# bfloat16 (native where the CPU has avx512_bf16).
+for dtype in (torch.float32, torch.bfloat16):
+    for T, B, I, H, bidir in ((12, 8, 20, 70, False), (30, 16, 48, 200, True), (9, 64, 32, 128, False)):
+        m = fastlstm.LSTM(I, H, bidirectional=bidir, dtype=dtype)
+        x = torch.randn(T, B, I, dtype=dtype)
+        lengths = torch.linspace(T, 1, B).round().long()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        with torch.no_grad():
+            y, (h, c) = m(x)
+            yp, (hp, cp) = m(packed)
+        out[(str(dtype), T, B, H)] = [y, h, c, yp.data, hp, cp]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_block_input_projection_gives_bitwise_the_whole_projections_results(tmp_path):
+    # Per-block projection inside the step loop (default for these inference calls) against one
+    # projection GEMM for many steps (FASTLSTM_CPU_PROJ=whole): brgemm sums each product in the same
+    # order either way, so every output is bitwise the same. A wrong column or row offset fails.
+    results = []
+    for mode in ("block", "whole"):
+        path = tmp_path / f"{mode}.pt"
+        env = dict(os.environ, FASTLSTM_CPU_PROJ=mode)
+        done = subprocess.run([sys.executable, "-c", _PROJECTION_RUN, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(torch.load(path))
+    block, whole = results
+    assert block.keys() == whole.keys()
+    for key in block:
+        for name, a, b in zip(["output", "h_n", "c_n", "packed output", "packed h_n", "packed c_n"],
+                              block[key], whole[key]):
+            assert torch.equal(a, b), f"{key} {name}: differs by {(a.float() - b.float()).abs().max().item():.3g}"
 
 
 def test_torch_capability_override_is_honoured(tmp_path):

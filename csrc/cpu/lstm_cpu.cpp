@@ -2,7 +2,8 @@
 // csrc/fastlstm.cpp). Compiled once per instruction set (setup.py: fastlstm._cpu_avx512, _cpu_avx2,
 // _cpu_generic); fastlstm/_loader.py imports the one this CPU runs.
 //
-// Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer. Each step is one
+// Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer (inference: a few
+// steps at a time, by each block for its own columns where the weights are small). Each step is one
 // parallel loop over blocks of 64 hidden units: a thread multiplies h_{t-1} by its block's part of
 // w_hh (all four gates' columns for those units: packed panels for long calls, w_hh read in place
 // for short ones, see forward_impl), then runs the fused gate and cell update for the block, writing
@@ -229,6 +230,31 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
   at::mm_out(c, a, w.t());
 }
 
+// block_proj (forward_impl): rows [r0, r0 + M) of the input projection for block k's gate columns:
+// gate q of units [j0, j0 + n) into dst[m, q * H + j0 ...] (row stride 4H), from w_ih's per-block
+// panels [blocks, I, 4nb] (VNNI pairs for native bfloat16, x then bfloat16). Tiles of at most 256
+// rows, fixed by M.
+template <typename acc_t>
+void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tensor& x, int64_t r0,
+                   const at::Tensor& panels, int64_t k, int64_t nb, acc_t* dst, int64_t H, int64_t j0) {
+  const std::pair<int64_t, int64_t> tiles = cpu::row_tiles(M, 256);
+  for (int64_t tile = 0; tile < tiles.first; ++tile) {
+    const int64_t m0 = tile * tiles.second, mt = std::min(tiles.second, M - m0);
+    for (int64_t q = 0; q < 4; ++q) {
+      acc_t* c = dst + m0 * 4 * H + q * H + j0;
+      if (native) {
+        const auto* a = reinterpret_cast<const at::BFloat16*>(x.data_ptr()) + (r0 + m0) * I;
+        const auto* b = reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) + k * I * 4 * nb + q * nb * 2;
+        at::native::cpublas::brgemm(mt, n, I, I, 4 * nb, 4 * H, false, a, b, reinterpret_cast<float*>(c),
+                                    true);
+      } else {
+        cpu::gemm_serial<acc_t>(mt, n, I, x.data_ptr<acc_t>() + (r0 + m0) * I, I,
+                                panels.data_ptr<acc_t>() + k * I * 4 * nb + q * nb, 4 * nb, c, 4 * H);
+      }
+    }
+  }
+}
+
 // w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
 // hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
 // Each gate's rows of a block are transposed into their columns in register tiles (rows_to_panel).
@@ -266,6 +292,26 @@ inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
   return T <= 4;
 }
 
+// Whether an inference call projects its input block by block inside the step loop (block_proj in
+// forward_impl): where the recurrence runs on packed panels in at least two tasks a step and w_ih and
+// w_hh together take at most 8 MB. Above that, projecting every few steps made the steps' weights
+// and w_ih evict each other from L3 (H=1024, B=16: 0.80x; NOTES.md entry 42). Training keeps the
+// projection of all steps up front (no gain measured). FASTLSTM_CPU_PROJ=block|whole overrides the
+// choice among the calls that can take either (for comparisons); the results are bitwise the same.
+inline bool use_block_projection(bool training, bool unpacked, int64_t blocks, int64_t grain,
+                                 int64_t weight_bytes) {
+  static const int forced = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_PROJ");
+    if (env == nullptr) return 0;
+    if (std::strcmp(env, "block") == 0) return 1;
+    if (std::strcmp(env, "whole") == 0) return 2;
+    return 0;
+  }();
+  if (training || unpacked || blocks < 2 * grain) return false;
+  if (forced != 0) return forced == 1;
+  return weight_bytes <= (int64_t(8) << 20);
+}
+
 // h rounded to the output dtype into out, and that rounded value into the carried state.
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
@@ -289,15 +335,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool has_proj = s.has_proj;
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-  // The input part of the pre-activations. Training keeps every step's (the buffer becomes the saved
-  // gates); inference projects a few steps at a time (about 16 MB) into one reused buffer.
-  // float16/bfloat16 training also projects in chunks: its saved gates are a separate
-  // low-precision tensor that the gate math writes directly.
-  const int64_t chunk =
-      training && !kLowPrecision
-          ? T
-          : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
-                                std::max<int64_t>(T, 1));
   // bfloat16 where brgemm multiplies it natively (avx512_bf16): the input projection and the
   // recurrent product read bfloat16 operands (packed weight panels in VNNI layout; h is bfloat16
   // anyway, being rounded each step) and accumulate in float32; the gate math stays float32.
@@ -307,7 +344,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x_a = native ? input.reshape({T * B, I}) : input.reshape({T * B, I}).to(acc).contiguous();
   const at::Tensor w_ih_a = native ? w_ih.contiguous() : w_ih.to(acc).contiguous();
   at::Tensor w_ih_panels;
-  at::Tensor gates_a = cpu::cached_empty({chunk, B, 4 * H}, acc);
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
@@ -327,6 +363,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
   const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
+  // Blocks per task of the step loop's parallel_for (a task is at least about 128K multiply-adds).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
+
+  // The input part of the pre-activations (x @ w_ih^T), into gates_a. Training keeps every step's
+  // (the buffer becomes the saved gates); inference keeps a few steps at a time in one reused
+  // buffer. float16/bfloat16 training also projects in chunks: its saved gates are a separate
+  // low-precision tensor that the gate math writes directly.
+  //   block_proj (brgemm, panels, at least two tasks a step): every `pchunk` steps each block projects
+  //     its own gate columns inside the step loop, on the thread that then reads them, so they are
+  //     still in that core's L2 (about 1 MB of pre-activations a chunk for all blocks). A projection
+  //     of all steps up front, split by rows among the threads, left each step reading half its
+  //     pre-activations from the other core's writes, several MB back (NOTES.md entry 42).
+  //   otherwise one GEMM over `chunk` steps at a time (about 16 MB), split among the threads.
+  // Either way the split is fixed by the shape, never by the thread count.
+  const int64_t weight_bytes = (I + P) * 4 * H * (native ? 2 : static_cast<int64_t>(sizeof(acc_t)));
+  const bool block_proj = use_block_projection(training, dot_rows || direct, blocks, grain, weight_bytes) &&
+                          (native || (std::is_same_v<acc_t, float> && cpu::brgemm_usable()));
+  const int64_t pchunk =
+      block_proj ? std::clamp<int64_t>(std::max<int64_t>((int64_t(1) << 18) / std::max<int64_t>(1, B * 4 * H),
+                                                          (256 + B - 1) / std::max<int64_t>(1, B)),
+                                       1, std::max<int64_t>(T, 1))
+                 : 1;
+  const int64_t chunk =
+      training && !kLowPrecision
+          ? T
+          : block_proj ? pchunk
+                       : std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(1, B * 4 * H), 1,
+                                             std::max<int64_t>(T, 1));
+  at::Tensor gates_a = cpu::cached_empty({chunk, B, 4 * H}, acc);
   // Low-precision weights are read as they are by the batch <= 2 dot products and by native bf16.
   const bool keep_w_hh = kLowPrecision && (dot_rows || native);
   const at::Tensor w_hh_a = keep_w_hh ? w_hh.contiguous() : w_hh.to(acc).contiguous();
@@ -339,6 +404,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   } else if (!dot_rows && !direct) {
     panels = pack_gate_panels<acc_t>(w_hh_a, H, nb);
+  }
+  // block_proj: w_ih as per-block panels like w_hh's ([blocks, I, 4nb]; VNNI for native bfloat16).
+  if (block_proj && native) {
+    const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
+    w_ih_panels = cpu::pack_vnni_panels(blocks, I, 4 * nb, [&](int64_t k, int64_t col) {
+      const int64_t q = col / nb, j = k * nb + col % nb;
+      return j < H ? w + (q * H + j) * I : nullptr;
+    });
+  } else if (block_proj) {
+    w_ih_panels = pack_gate_panels<acc_t>(w_ih_a, H, nb);
   }
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
   // float32 on brgemm: the projection h = m @ w_hr^T in column blocks of w_hr^T (fixed by the shape,
@@ -367,15 +442,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor h_proj = has_proj ? at::empty({B, P}, acc) : at::Tensor();
 
   const Activity act = make_activity(lengths, B);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
   const scalar_t* w_hh_low = keep_w_hh ? w_hh_a.data_ptr<scalar_t>() : nullptr;
   const acc_t* w_hh_p = keep_w_hh ? nullptr : w_hh_a.data_ptr<acc_t>();
   int64_t t_lo = 0;  // first time index held by gates_a
+  int64_t p_lo = 0, p_n = 0;  // block_proj: the steps [p_lo, p_lo + p_n) this step projects (p_n > 0)
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     if (step % chunk == 0) {
       const int64_t n = std::min(chunk, T - step);
       t_lo = reverse ? T - step - n : step;
+    }
+    p_n = 0;
+    if (block_proj && step % pchunk == 0) {
+      p_n = std::min(pchunk, T - step);
+      p_lo = reverse ? T - step - p_n : step;
+    }
+    if (!block_proj && step % chunk == 0) {
+      const int64_t n = std::min(chunk, T - step);
       at::Tensor dst = gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B);
       if (native) {
         if (!w_ih_panels.defined()) {
@@ -409,6 +492,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j0 = k * nb, n = std::min(nb, H - j0);
+        if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, p_lo * B, w_ih_panels, k, nb,
+                                          gates_a.data_ptr<acc_t>() + (p_lo - t_lo) * B * 4 * H, H,
+                                          j0);
         if (dot_rows) {
           for (int q = 0; q < 4 && rows > 0; ++q) {
 #ifdef FASTLSTM_HAVE_DPBF16
