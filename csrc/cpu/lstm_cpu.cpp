@@ -63,10 +63,12 @@ inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
 // post[q * pre_stride + j] (post may be pre itself; a float16/bfloat16 post is the saved gates of
 // a low-precision call, written rounded, with no float32 copy of them).
 //   c: [n] cell state, updated in place; cell_out: [n] copy of the new c; m: [n] out: o * tanh(c)
+// kSave = false (inference): neither the post-activations nor cell_out are written (post and cell_out
+// may be null), 0.2-2% of a small inference call.
 // Two vectors of units at a time where there are two full ones: each nonlinearity is a chain of
 // dependent instructions, and two independent chains keep the core busier (1.28 -> 1.13 ns a unit,
 // NOTES.md entry 38); the same arithmetic for every unit either way.
-template <typename acc_t, typename post_t>
+template <typename acc_t, typename post_t, bool kSave = true>
 inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const acc_t* rec,
                          int64_t rec_stride, const acc_t* bias, acc_t* c, acc_t* cell_out, acc_t* m,
                          post_t* post) {
@@ -84,18 +86,20 @@ inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const 
     const Vec z0 = vtanh(gate(2, j)), z1 = vtanh(gate(2, j1));
     const Vec o0 = vsigmoid(gate(3, j)), o1 = vsigmoid(gate(3, j1));
     const Vec c0 = f0 * Vec::loadu(c + j) + i0 * z0, c1 = f1 * Vec::loadu(c + j1) + i1 * z1;
-    store_as(i0, post + j, kV);
-    store_as(i1, post + j1, kV);
-    store_as(f0, post + pre_stride + j, kV);
-    store_as(f1, post + pre_stride + j1, kV);
-    store_as(z0, post + 2 * pre_stride + j, kV);
-    store_as(z1, post + 2 * pre_stride + j1, kV);
-    store_as(o0, post + 3 * pre_stride + j, kV);
-    store_as(o1, post + 3 * pre_stride + j1, kV);
+    if constexpr (kSave) {
+      store_as(i0, post + j, kV);
+      store_as(i1, post + j1, kV);
+      store_as(f0, post + pre_stride + j, kV);
+      store_as(f1, post + pre_stride + j1, kV);
+      store_as(z0, post + 2 * pre_stride + j, kV);
+      store_as(z1, post + 2 * pre_stride + j1, kV);
+      store_as(o0, post + 3 * pre_stride + j, kV);
+      store_as(o1, post + 3 * pre_stride + j1, kV);
+      c0.store(cell_out + j);
+      c1.store(cell_out + j1);
+    }
     c0.store(c + j);
     c1.store(c + j1);
-    c0.store(cell_out + j);
-    c1.store(cell_out + j1);
     (o0 * vtanh(c0)).store(m + j);
     (o1 * vtanh(c1)).store(m + j1);
   }
@@ -107,12 +111,14 @@ inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const 
     };
     const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = vtanh(gate(2)), o = vsigmoid(gate(3));
     const Vec cn = f * Vec::loadu(c + j, cnt) + i * z;
-    store_as(i, post + j, cnt);
-    store_as(f, post + pre_stride + j, cnt);
-    store_as(z, post + 2 * pre_stride + j, cnt);
-    store_as(o, post + 3 * pre_stride + j, cnt);
+    if constexpr (kSave) {
+      store_as(i, post + j, cnt);
+      store_as(f, post + pre_stride + j, cnt);
+      store_as(z, post + 2 * pre_stride + j, cnt);
+      store_as(o, post + 3 * pre_stride + j, cnt);
+      cn.store(cell_out + j, cnt);
+    }
     cn.store(c + j, cnt);
-    cn.store(cell_out + j, cnt);
     (o * vtanh(cn)).store(m + j, cnt);
   }
 }
@@ -560,8 +566,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
                                           cp + b * H + j0, cell_t + b * H + j0, m, gl);
           } else {
-            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
-                                       cp + b * H + j0, cell_t + b * H + j0, m, g);
+            if (training) {
+              cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                         cp + b * H + j0, cell_t + b * H + j0, m, g);
+            } else {
+              cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                                cp + b * H + j0, nullptr, m, nullptr);
+            }
           }
           if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
           if (native) std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
