@@ -574,8 +574,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                 cp + b * H + j0, nullptr, m, nullptr);
             }
           }
-          if (!has_proj) store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
-          if (native) std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
+          if (native) {  // the next step reads h as bfloat16 (hb_next); h_buf is not read
+            at::vec::convert(m, out_t + b * P + j0, n);
+            std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
+          } else if (!has_proj) {
+            store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
+          }
         }
         if (direct && !has_proj) cpu::transpose_tile(B, n, h_next + j0, P, hT_next + j0 * B, B);
       }
@@ -601,7 +605,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
 
-  at::Tensor h_n = h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  // Native bfloat16 carries h only as bfloat16 (hb_buf), the value h_buf would hold rounded.
+  at::Tensor h_n = native ? hb_buf[T % 2].clone()
+                          : h_buf[T % 2].to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   at::Tensor c_n = c.to(input.scalar_type());
   if (!training) {  // distinct empty tensors: a custom op's outputs must not alias one another
     return {output, h_n, c_n, at::empty({0}, input.options()), at::empty({0}, acc),
