@@ -214,10 +214,11 @@ def test_each_lower_build_can_be_forced_and_gives_the_same_results(tmp_path):
 _PROJECTION_RUN = r"""
 import sys, torch, fastlstm
 torch.manual_seed(0)
+torch.set_num_threads(2)  # the barrier loop needs two threads
 out = {}
-# Inference calls that take the per-block input projection by default (csrc/cpu/lstm_cpu.cpp,
-# use_block_projection): a partial last block, several tasks a step, bidirectional with lengths,
-# bfloat16 (native where the CPU has avx512_bf16).
+# Inference calls that take the per-block input projection and the loop with a barrier a step by
+# default (csrc/cpu/lstm_cpu.cpp, use_block_projection, use_step_barrier): a partial last block,
+# several tasks a step, bidirectional with lengths, bfloat16 (native where the CPU has avx512_bf16).
 for dtype in (torch.float32, torch.bfloat16):
     for T, B, I, H, bidir in ((12, 8, 20, 70, False), (30, 16, 48, 200, True), (9, 64, 32, 128, False)):
         m = fastlstm.LSTM(I, H, bidirectional=bidir, dtype=dtype)
@@ -232,24 +233,30 @@ torch.save(out, sys.argv[1])
 """
 
 
-def test_block_input_projection_gives_bitwise_the_whole_projections_results(tmp_path):
-    # Per-block projection inside the step loop (default for these inference calls) against one
-    # projection GEMM for many steps (FASTLSTM_CPU_PROJ=whole): brgemm sums each product in the same
-    # order either way, so every output is bitwise the same. A wrong column or row offset fails.
-    results = []
-    for mode in ("block", "whole"):
-        path = tmp_path / f"{mode}.pt"
-        env = dict(os.environ, FASTLSTM_CPU_PROJ=mode)
+def test_block_projection_and_step_barrier_give_bitwise_the_same_results(tmp_path):
+    # The default for these inference calls (each block projects its own input inside the step
+    # loop; one parallel region with a barrier a step) against one projection GEMM for many steps
+    # (FASTLSTM_CPU_PROJ=whole, which also takes the per-step parallel_for) and against the per-step
+    # parallel_for alone (FASTLSTM_CPU_SYNC=fork): brgemm sums each product in the same order in all
+    # three, so every output is bitwise the same. A wrong offset, or a step that reads h before
+    # every block has written it, fails.
+    results = {}
+    for name, env_update in (("default", {}), ("whole", {"FASTLSTM_CPU_PROJ": "whole"}),
+                             ("fork", {"FASTLSTM_CPU_SYNC": "fork"})):
+        path = tmp_path / f"{name}.pt"
+        env = dict(os.environ, **env_update)
         done = subprocess.run([sys.executable, "-c", _PROJECTION_RUN, str(path)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        results.append(torch.load(path))
-    block, whole = results
-    assert block.keys() == whole.keys()
-    for key in block:
-        for name, a, b in zip(["output", "h_n", "c_n", "packed output", "packed h_n", "packed c_n"],
-                              block[key], whole[key]):
-            assert torch.equal(a, b), f"{key} {name}: differs by {(a.float() - b.float()).abs().max().item():.3g}"
+        results[name] = torch.load(path)
+    base = results.pop("default")
+    for other, res in results.items():
+        assert base.keys() == res.keys()
+        for key in base:
+            for name, a, b in zip(["output", "h_n", "c_n", "packed output", "packed h_n", "packed c_n"],
+                                  base[key], res[key]):
+                assert torch.equal(a, b), (
+                    f"{other} {key} {name}: differs by {(a.float() - b.float()).abs().max().item():.3g}")
 
 
 def test_torch_capability_override_is_honoured(tmp_path):

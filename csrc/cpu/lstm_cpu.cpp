@@ -22,10 +22,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <thread>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "cpu/blas.h"
 #include "cpu/gate_math.h"
@@ -318,6 +325,44 @@ inline bool use_block_projection(bool training, bool unpacked, int64_t blocks, i
   return weight_bytes <= (int64_t(8) << 20);
 }
 
+// Whether the step loop runs as one parallel region with a barrier a step (forward_impl) rather than
+// one parallel_for a step: for the calls that do all their work in the blocks (`eligible`), with
+// ATen's OpenMP backend (its parallel_for runs every chunk on its own thread at once, which a barrier
+// needs; others may run chunks one after another) and more than one thread, outside another
+// parallel region. FASTLSTM_CPU_SYNC=fork|barrier overrides (for comparisons: the same results).
+inline bool use_step_barrier(bool eligible) {
+#if AT_PARALLEL_OPENMP
+  static const int forced = [] {
+    const char* env = std::getenv("FASTLSTM_CPU_SYNC");
+    if (env == nullptr) return 0;
+    if (std::strcmp(env, "barrier") == 0) return 1;
+    if (std::strcmp(env, "fork") == 0) return 2;
+    return 0;
+  }();
+  return eligible && forced != 2 && at::get_num_threads() > 1 && !at::in_parallel_region();
+#else
+  (void)eligible;
+  return false;
+#endif
+}
+
+// Waits until `count` reaches `target` (acquiring what the other threads wrote before adding to it),
+// or returns false once `failed` is set (another thread threw). Spins briefly, then yields, so that
+// more threads than cores still make progress.
+inline bool spin_until(const std::atomic<int64_t>& count, int64_t target, const std::atomic<bool>& failed) {
+  for (int64_t spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
+    if (failed.load(std::memory_order_relaxed)) return false;
+    if (spins < 256) {
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  return true;
+}
+
 // h rounded to the output dtype into out, and that rounded value into the carried state.
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
@@ -450,36 +495,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Activity act = make_activity(lengths, B);
   const scalar_t* w_hh_low = keep_w_hh ? w_hh_a.data_ptr<scalar_t>() : nullptr;
   const acc_t* w_hh_p = keep_w_hh ? nullptr : w_hh_a.data_ptr<acc_t>();
-  int64_t t_lo = 0;  // first time index held by gates_a
-  int64_t p_lo = 0, p_n = 0;  // block_proj: the steps [p_lo, p_lo + p_n) this step projects (p_n > 0)
-  for (int64_t step = 0; step < T; ++step) {
-    const int64_t t = reverse ? T - 1 - step : step;
-    if (step % chunk == 0) {
-      const int64_t n = std::min(chunk, T - step);
-      t_lo = reverse ? T - step - n : step;
-    }
-    p_n = 0;
-    if (block_proj && step % pchunk == 0) {
-      p_n = std::min(pchunk, T - step);
-      p_lo = reverse ? T - step - p_n : step;
-    }
-    if (!block_proj && step % chunk == 0) {
-      const int64_t n = std::min(chunk, T - step);
-      at::Tensor dst = gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B);
-      if (native) {
-        if (!w_ih_panels.defined()) {
-          const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
-          w_ih_panels = cpu::pack_vnni_panels((4 * H + 63) / 64, I, 64, [&](int64_t p, int64_t col) {
-            return p * 64 + col < 4 * H ? w + (p * 64 + col) * I : nullptr;
-          });
-        }
-        cpu::matmul_vnni_panels(n * B, 4 * H, I,
-                                reinterpret_cast<const at::BFloat16*>(x_a.data_ptr()) + t_lo * B * I, I,
-                                w_ih_panels, 64, reinterpret_cast<float*>(dst.data_ptr()), 4 * H);
-      } else {
-        project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels, dst);
-      }
-    }
+  // What step `step` reads and writes: a function of the step alone, so that any thread can work it
+  // out (the persistent loop below).
+  struct StepView {
+    int64_t t, t_lo, p_lo, p_n;  // time index; first time index held by gates_a; block_proj's steps
+  };
+  const auto view_of = [&](int64_t step) {
+    StepView v;
+    v.t = reverse ? T - 1 - step : step;
+    const int64_t c_first = step - step % chunk, c_n = std::min(chunk, T - c_first);
+    v.t_lo = reverse ? T - c_first - c_n : c_first;
+    // block_proj: the steps [p_lo, p_lo + p_n) this step projects (p_n > 0)
+    v.p_n = block_proj && step % pchunk == 0 ? std::min(pchunk, T - step) : 0;
+    v.p_lo = reverse ? T - step - v.p_n : step;
+    return v;
+  };
+  // Blocks [k0, k1) of step `step`, on the calling thread.
+  const auto step_blocks = [&](int64_t step, int64_t k0, int64_t k1) {
+    const StepView v = view_of(step);
+    const int64_t t = v.t, t_lo = v.t_lo, p_lo = v.p_lo, p_n = v.p_n;
     const int64_t rows = act.rows(t);
     acc_t* g_t = gates_a.data_ptr<acc_t>() + (t - t_lo) * B * 4 * H;
     acc_t* cp = c.data_ptr<acc_t>();
@@ -493,115 +527,164 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     acc_t* hT_next = direct ? hT_buf.data_ptr<acc_t>() + ((step + 1) % 2) * P * B : nullptr;
     const scalar_t* hb_cur = native ? hb_buf.data_ptr<scalar_t>() + (step % 2) * B * P : nullptr;
     scalar_t* hb_next = native ? hb_buf.data_ptr<scalar_t>() + ((step + 1) % 2) * B * P : nullptr;
-
-    at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
-      acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t j0 = k * nb, n = std::min(nb, H - j0);
-        if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, p_lo * B, w_ih_panels, k, nb,
-                                          gates_a.data_ptr<acc_t>() + (p_lo - t_lo) * B * 4 * H, H,
-                                          j0);
-        if (dot_rows) {
-          for (int q = 0; q < 4 && rows > 0; ++q) {
+    acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j0 = k * nb, n = std::min(nb, H - j0);
+      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, p_lo * B, w_ih_panels, k, nb,
+                                        gates_a.data_ptr<acc_t>() + (p_lo - t_lo) * B * 4 * H, H,
+                                        j0);
+      if (dot_rows) {
+        for (int q = 0; q < 4 && rows > 0; ++q) {
 #ifdef FASTLSTM_HAVE_DPBF16
-            if constexpr (kBF16) {
-              if (native) {
-                cpu::dot_rows_bf16(rows, n, P, reinterpret_cast<const at::BFloat16*>(hb_cur), P,
-                                   reinterpret_cast<const at::BFloat16*>(w_hh_low) + (q * H + j0) * P,
-                                   P, reinterpret_cast<float*>(rec) + q * nb, 4 * nb);
-                continue;
-              }
+          if constexpr (kBF16) {
+            if (native) {
+              cpu::dot_rows_bf16(rows, n, P, reinterpret_cast<const at::BFloat16*>(hb_cur), P,
+                                 reinterpret_cast<const at::BFloat16*>(w_hh_low) + (q * H + j0) * P,
+                                 P, reinterpret_cast<float*>(rec) + q * nb, 4 * nb);
+              continue;
             }
+          }
 #endif
-            if (keep_w_hh) {
-              cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
-                                                  rec + q * nb, 4 * nb);
-            } else {
-              cpu::gemm_nt_small<acc_t, acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
-                                               rec + q * nb, 4 * nb);
-            }
-          }
-        } else if (direct) {
-          acc_t* recT = rec + B * 4 * nb;  // [4nb, B]: row q * nb + jj is gate q of unit j0 + jj
-          for (int q = 0; q < 4 && rows > 0; ++q) {
-            cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
-                                    recT + q * nb * B, B);
-          }
-          cpu::transpose_tile(4 * nb, rows, recT, B, rec, 4 * nb);
-        } else if (native) {
-          if (rows > 0) {
-            at::native::cpublas::brgemm(rows, 4 * nb, P, P, 4 * nb, 4 * nb, false,
-                                        reinterpret_cast<const at::BFloat16*>(hb_cur),
-                                        reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) +
-                                            k * P * 4 * nb,
-                                        reinterpret_cast<float*>(rec), true);
-          }
-        } else {
-          cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
-                                  panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * nb);
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          acc_t* g = g_t + b * 4 * H + j0;
-          acc_t* m = m_t + b * H + j0;
-          // The saved post-activations of this row (low_gates), else they go back into g.
-          scalar_t* gl = low_gates ? gates_low_p + (t * B + b) * 4 * H + j0 : nullptr;
-          if (!act.active(b, t)) {
-            for (int q = 0; q < 4; ++q) {
-              if (low_gates) {
-                std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
-              } else {
-                std::fill(g + q * H, g + q * H + n, acc_t(0));
-              }
-            }
-            if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
-            std::fill(m, m + n, acc_t(0));
-            if (!has_proj) {
-              std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
-              if (native) std::copy(hb_cur + b * P + j0, hb_cur + b * P + j0 + n, hb_next + b * P + j0);
-              std::fill(out_t + b * P + j0, out_t + b * P + j0 + n, scalar_t(0));
-            }
-            continue;
-          }
-          if (low_gates) {
-            cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
-                                          cp + b * H + j0, cell_t + b * H + j0, m, gl);
+          if (keep_w_hh) {
+            cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
+                                                rec + q * nb, 4 * nb);
           } else {
-            if (training) {
-              cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
-                                         cp + b * H + j0, cell_t + b * H + j0, m, g);
-            } else {
-              cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
-                                                cp + b * H + j0, nullptr, m, nullptr);
-            }
-          }
-          if (native) {  // the next step reads h as bfloat16 (hb_next); h_buf is not read
-            at::vec::convert(m, out_t + b * P + j0, n);
-            std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
-          } else if (!has_proj) {
-            store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
+            cpu::gemm_nt_small<acc_t, acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
+                                             rec + q * nb, 4 * nb);
           }
         }
-        if (direct && !has_proj) cpu::transpose_tile(B, n, h_next + j0, P, hT_next + j0 * B, B);
-      }
-    });
-
-    if (has_proj) {
-      acc_t* hq = h_proj.data_ptr<acc_t>();
-      if (proj_blocks) {
-        cpu::matmul_cols<acc_t>(rows, P, H, m_t, H, w_hr_t.data_ptr<acc_t>(), P, hq, P);
+      } else if (direct) {
+        acc_t* recT = rec + B * 4 * nb;  // [4nb, B]: row q * nb + jj is gate q of unit j0 + jj
+        for (int q = 0; q < 4 && rows > 0; ++q) {
+          cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
+                                  recT + q * nb * B, B);
+        }
+        cpu::transpose_tile(4 * nb, rows, recT, B, rec, 4 * nb);
+      } else if (native) {
+        if (rows > 0) {
+          at::native::cpublas::brgemm(rows, 4 * nb, P, P, 4 * nb, 4 * nb, false,
+                                      reinterpret_cast<const at::BFloat16*>(hb_cur),
+                                      reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) +
+                                          k * P * 4 * nb,
+                                      reinterpret_cast<float*>(rec), true);
+        }
       } else {
-        cpu::gemm<acc_t>(false, true, rows, P, H, acc_t(1), m_t, H, w_hr_a.data_ptr<acc_t>(), H,
-                         acc_t(0), hq, P);
+        cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
+                                panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * nb);
       }
       for (int64_t b = 0; b < B; ++b) {
-        if (act.active(b, t)) {
-          store_h<scalar_t, acc_t>(P, hq + b * P, h_next + b * P, out_t + b * P);
+        acc_t* g = g_t + b * 4 * H + j0;
+        acc_t* m = m_t + b * H + j0;
+        // The saved post-activations of this row (low_gates), else they go back into g.
+        scalar_t* gl = low_gates ? gates_low_p + (t * B + b) * 4 * H + j0 : nullptr;
+        if (!act.active(b, t)) {
+          for (int q = 0; q < 4; ++q) {
+            if (low_gates) {
+              std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
+            } else {
+              std::fill(g + q * H, g + q * H + n, acc_t(0));
+            }
+          }
+          if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
+          std::fill(m, m + n, acc_t(0));
+          if (!has_proj) {
+            std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
+            if (native) std::copy(hb_cur + b * P + j0, hb_cur + b * P + j0 + n, hb_next + b * P + j0);
+            std::fill(out_t + b * P + j0, out_t + b * P + j0 + n, scalar_t(0));
+          }
+          continue;
+        }
+        if (low_gates) {
+          cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                        cp + b * H + j0, cell_t + b * H + j0, m, gl);
         } else {
-          std::copy(h_cur + b * P, h_cur + (b + 1) * P, h_next + b * P);
-          std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
+          if (training) {
+            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                       cp + b * H + j0, cell_t + b * H + j0, m, g);
+          } else {
+            cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+                                              cp + b * H + j0, nullptr, m, nullptr);
+          }
+        }
+        if (native) {  // the next step reads h as bfloat16 (hb_next); h_buf is not read
+          at::vec::convert(m, out_t + b * P + j0, n);
+          std::copy(out_t + b * P + j0, out_t + b * P + j0 + n, hb_next + b * P + j0);
+        } else if (!has_proj) {
+          store_h<scalar_t, acc_t>(n, m, h_next + b * P + j0, out_t + b * P + j0);
         }
       }
-      if (direct) cpu::transpose_tile(B, P, h_next, P, hT_next, B);
+      if (direct && !has_proj) cpu::transpose_tile(B, n, h_next + j0, P, hT_next + j0 * B, B);
+    }
+  };
+
+  if (use_step_barrier(block_proj && !has_proj && T > 1)) {
+    // One parallel region for all steps: each thread keeps its blocks and, after each step, waits
+    // at a barrier until every block has finished it (h is double-buffered, so one barrier a step
+    // suffices). This saves a fork/join per step: 1-3 us, a tenth of a small step (NOTES.md entry 43).
+    // The blocks compute what they compute in the per-step loop below: results are bitwise equal.
+    std::atomic<int64_t> done{0};
+    std::atomic<bool> failed{false};
+    at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+      try {
+        for (int64_t step = 0; step < T; ++step) {
+          step_blocks(step, k0, k1);
+          done.fetch_add(k1 - k0, std::memory_order_acq_rel);
+          if (!spin_until(done, (step + 1) * blocks, failed)) return;
+        }
+      } catch (...) {
+        failed.store(true);  // releases the other threads' waits; parallel_for rethrows
+        throw;
+      }
+    });
+  } else {
+    for (int64_t step = 0; step < T; ++step) {
+      const StepView v = view_of(step);
+      const int64_t t = v.t, t_lo = v.t_lo;
+      if (!block_proj && step % chunk == 0) {
+        const int64_t n = std::min(chunk, T - step);
+        at::Tensor dst = gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B);
+        if (native) {
+          if (!w_ih_panels.defined()) {
+            const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
+            w_ih_panels = cpu::pack_vnni_panels((4 * H + 63) / 64, I, 64, [&](int64_t p, int64_t col) {
+              return p * 64 + col < 4 * H ? w + (p * 64 + col) * I : nullptr;
+            });
+          }
+          cpu::matmul_vnni_panels(n * B, 4 * H, I,
+                                  reinterpret_cast<const at::BFloat16*>(x_a.data_ptr()) + t_lo * B * I, I,
+                                  w_ih_panels, 64, reinterpret_cast<float*>(dst.data_ptr()), 4 * H);
+        } else {
+          project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels, dst);
+        }
+      }
+      at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) { step_blocks(step, k0, k1); });
+
+      if (has_proj) {
+        const int64_t rows = act.rows(t);
+        const acc_t* m_t = hidden.data_ptr<acc_t>() + (training ? t : 0) * B * H;
+        const acc_t* h_cur = h_buf.data_ptr<acc_t>() + (step % 2) * B * P;
+        acc_t* h_next = h_buf.data_ptr<acc_t>() + ((step + 1) % 2) * B * P;
+        scalar_t* out_t = output.data_ptr<scalar_t>() + t * B * P;
+        acc_t* hq = h_proj.data_ptr<acc_t>();
+        if (proj_blocks) {
+          cpu::matmul_cols<acc_t>(rows, P, H, m_t, H, w_hr_t.data_ptr<acc_t>(), P, hq, P);
+        } else {
+          cpu::gemm<acc_t>(false, true, rows, P, H, acc_t(1), m_t, H, w_hr_a.data_ptr<acc_t>(), H,
+                           acc_t(0), hq, P);
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          if (act.active(b, t)) {
+            store_h<scalar_t, acc_t>(P, hq + b * P, h_next + b * P, out_t + b * P);
+          } else {
+            std::copy(h_cur + b * P, h_cur + (b + 1) * P, h_next + b * P);
+            std::fill(out_t + b * P, out_t + (b + 1) * P, scalar_t(0));
+          }
+        }
+        if (direct) {
+          acc_t* hT_next = hT_buf.data_ptr<acc_t>() + ((step + 1) % 2) * P * B;
+          cpu::transpose_tile(B, P, h_next, P, hT_next, B);
+        }
+      }
     }
   }
 
