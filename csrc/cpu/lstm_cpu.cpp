@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -363,6 +364,24 @@ inline bool spin_until(const std::atomic<int64_t>& count, int64_t target, const 
   return true;
 }
 
+// Waits until `state` leaves 0 (all the chunks of a parallel_for have arrived: 1), for at most 100 ms;
+// false if it is still 0 then, or if it is 2 (another chunk has taken over).
+inline bool wait_for_all(const std::atomic<int>& state) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+  for (int64_t spins = 0;; ++spins) {
+    const int s = state.load(std::memory_order_acquire);
+    if (s != 0) return s == 1;
+    if (spins < 256) {
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    } else {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::yield();
+    }
+  }
+}
+
 // h rounded to the output dtype into out, and that rounded value into the carried state.
 template <typename scalar_t, typename acc_t>
 inline void store_h(int64_t n, const acc_t* h, acc_t* state, scalar_t* out) {
@@ -578,18 +597,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         // The saved post-activations of this row (low_gates), else they go back into g.
         scalar_t* gl = low_gates ? gates_low_p + (t * B + b) * 4 * H + j0 : nullptr;
         if (!act.active(b, t)) {
-          for (int q = 0; q < 4; ++q) {
-            if (low_gates) {
-              std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
-            } else {
-              std::fill(g + q * H, g + q * H + n, acc_t(0));
+          if (training) {  // the saved gates and cell of a finished row (inference saves neither)
+            for (int q = 0; q < 4; ++q) {
+              if (low_gates) {
+                std::fill(gl + q * H, gl + q * H + n, scalar_t(0));
+              } else {
+                std::fill(g + q * H, g + q * H + n, acc_t(0));
+              }
             }
+            std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
           }
-          if (training) std::copy(cp + b * H + j0, cp + b * H + j0 + n, cell_t + b * H + j0);
           std::fill(m, m + n, acc_t(0));
-          if (!has_proj) {
+          if (native) {  // h carried as bfloat16 only (see below)
+            std::copy(hb_cur + b * P + j0, hb_cur + b * P + j0 + n, hb_next + b * P + j0);
+          } else if (!has_proj) {
             std::copy(h_cur + b * P + j0, h_cur + b * P + j0 + n, h_next + b * P + j0);
-            if (native) std::copy(hb_cur + b * P + j0, hb_cur + b * P + j0 + n, hb_next + b * P + j0);
+          }
+          if (!has_proj) {
             std::fill(out_t + b * P + j0, out_t + b * P + j0 + n, scalar_t(0));
           }
           continue;
@@ -622,12 +646,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // at a barrier until every block has finished it (h is double-buffered, so one barrier a step
     // suffices). This saves a fork/join per step: 1-3 us, a tenth of a small step (NOTES.md entry 43).
     // The blocks compute what they compute in the per-step loop below: results are bitwise equal.
-    std::atomic<int64_t> done{0};
+    // The barrier needs every chunk of the parallel_for running at once, which ATen's OpenMP
+    // parallel_for does (one chunk per thread of the team). That is checked, not assumed: the chunks
+    // first wait (up to 100 ms) until all blocks have arrived; if they have not, the first to give
+    // up runs every block of every step itself and the chunks that arrive later do nothing.
+    std::atomic<int64_t> arrived{0}, done{0};
+    std::atomic<int> state{0};  // 0 arriving, 1 all arrived (barrier steps), 2 one chunk runs all
     std::atomic<bool> failed{false};
     at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
       try {
+        if (arrived.fetch_add(k1 - k0, std::memory_order_acq_rel) + (k1 - k0) == blocks) {
+          int expected = 0;
+          state.compare_exchange_strong(expected, 1);
+        }
+        if (!wait_for_all(state)) {  // not all arrived in time: run every block alone, if first
+          int expected = 0;
+          if (!state.compare_exchange_strong(expected, 2) && expected == 1) {
+            // all arrived meanwhile: take part after all
+          } else {
+            if (expected == 0) {  // this chunk took over
+              for (int64_t step = 0; step < T; ++step) step_blocks(step, 0, blocks);
+            }
+            return;
+          }
+        }
         for (int64_t step = 0; step < T; ++step) {
           step_blocks(step, k0, k1);
+          if (step + 1 == T) break;  // the region's own join waits for the last step
           done.fetch_add(k1 - k0, std::memory_order_acq_rel);
           if (!spin_until(done, (step + 1) * blocks, failed)) return;
         }
