@@ -290,17 +290,21 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   return panels;
 }
 
+// An override for comparisons: 1 if the environment variable `name` is `first`, 2 if it is `second`,
+// else 0 (unset or anything else).
+inline int env_choice(const char* name, const char* first, const char* second) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return 0;
+  if (std::strcmp(env, first) == 0) return 1;
+  if (std::strcmp(env, second) == 0) return 2;
+  return 0;
+}
+
 // Whether the recurrent matmul reads w_hh in place (see forward_impl) rather than from panels packed
 // for the call. Packing costs about one strided pass over w_hh; the panels repay it when there are
 // many steps. FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
 inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
-  static const int forced = [] {
-    const char* env = std::getenv("FASTLSTM_CPU_WHH");
-    if (env == nullptr) return 0;
-    if (std::strcmp(env, "direct") == 0) return 1;
-    if (std::strcmp(env, "packed") == 0) return 2;
-    return 0;
-  }();
+  static const int forced = env_choice("FASTLSTM_CPU_WHH", "direct", "packed");
   if (forced != 0) return forced == 1;
   if (!cpu::brgemm_usable()) return true;
   return T <= 4;
@@ -314,13 +318,7 @@ inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
 // choice among the calls that can take either (for comparisons); the results are bitwise the same.
 inline bool use_block_projection(bool training, bool unpacked, int64_t blocks, int64_t grain,
                                  int64_t weight_bytes) {
-  static const int forced = [] {
-    const char* env = std::getenv("FASTLSTM_CPU_PROJ");
-    if (env == nullptr) return 0;
-    if (std::strcmp(env, "block") == 0) return 1;
-    if (std::strcmp(env, "whole") == 0) return 2;
-    return 0;
-  }();
+  static const int forced = env_choice("FASTLSTM_CPU_PROJ", "block", "whole");
   if (training || unpacked || blocks < 2 * grain) return false;
   if (forced != 0) return forced == 1;
   return weight_bytes <= (int64_t(8) << 20);
@@ -333,13 +331,7 @@ inline bool use_block_projection(bool training, bool unpacked, int64_t blocks, i
 // parallel region. FASTLSTM_CPU_SYNC=fork|barrier overrides (for comparisons: the same results).
 inline bool use_step_barrier(bool eligible) {
 #if AT_PARALLEL_OPENMP
-  static const int forced = [] {
-    const char* env = std::getenv("FASTLSTM_CPU_SYNC");
-    if (env == nullptr) return 0;
-    if (std::strcmp(env, "barrier") == 0) return 1;
-    if (std::strcmp(env, "fork") == 0) return 2;
-    return 0;
-  }();
+  static const int forced = env_choice("FASTLSTM_CPU_SYNC", "barrier", "fork");
   return eligible && forced != 2 && at::get_num_threads() > 1 && !at::in_parallel_region();
 #else
   (void)eligible;
@@ -347,19 +339,24 @@ inline bool use_step_barrier(bool eligible) {
 #endif
 }
 
+// One wait of a spinning loop: a pause for the first 256, then a yield, so that more threads than
+// cores still make progress.
+inline void pause_or_yield(int64_t spins) {
+  if (spins < 256) {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#endif
+  } else {
+    std::this_thread::yield();
+  }
+}
+
 // Waits until `count` reaches `target` (acquiring what the other threads wrote before adding to it),
-// or returns false once `failed` is set (another thread threw). Spins briefly, then yields, so that
-// more threads than cores still make progress.
+// or returns false once `failed` is set (another thread threw).
 inline bool spin_until(const std::atomic<int64_t>& count, int64_t target, const std::atomic<bool>& failed) {
   for (int64_t spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
     if (failed.load(std::memory_order_relaxed)) return false;
-    if (spins < 256) {
-#if defined(__x86_64__) || defined(_M_X64)
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
+    pause_or_yield(spins);
   }
   return true;
 }
@@ -371,14 +368,8 @@ inline bool wait_for_all(const std::atomic<int>& state) {
   for (int64_t spins = 0;; ++spins) {
     const int s = state.load(std::memory_order_acquire);
     if (s != 0) return s == 1;
-    if (spins < 256) {
-#if defined(__x86_64__) || defined(_M_X64)
-      _mm_pause();
-#endif
-    } else {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      std::this_thread::yield();
-    }
+    if (spins >= 256 && std::chrono::steady_clock::now() > deadline) return false;
+    pause_or_yield(spins);
   }
 }
 
