@@ -290,6 +290,17 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
   return panels;
 }
 
+// pack_gate_panels' layout for native bfloat16 (pack_vnni_panels: [blocks, K / 2, 4 * nb, 2]), for
+// w_hh [4H, P] and, with the per-block projection, w_ih [4H, I].
+inline at::Tensor pack_gate_panels_vnni(const at::Tensor& w_rows, int64_t H, int64_t nb) {
+  const int64_t K = w_rows.size(1), blocks = (H + nb - 1) / nb;
+  const auto* w = reinterpret_cast<const at::BFloat16*>(w_rows.data_ptr());
+  return cpu::pack_vnni_panels(blocks, K, 4 * nb, [&](int64_t k, int64_t col) {
+    const int64_t q = col / nb, j = k * nb + col % nb;
+    return j < H ? w + (q * H + j) * K : nullptr;
+  });
+}
+
 // An override for comparisons: 1 if the environment variable `name` is `first`, 2 if it is `second`,
 // else 0 (unset or anything else).
 inline int env_choice(const char* name, const char* first, const char* second) {
@@ -458,21 +469,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor w_hh_a = keep_w_hh ? w_hh.contiguous() : w_hh.to(acc).contiguous();
   at::Tensor panels;
   if (native && !dot_rows) {
-    const auto* w = reinterpret_cast<const at::BFloat16*>(w_hh_a.data_ptr());
-    panels = cpu::pack_vnni_panels(blocks, P, 4 * nb, [&](int64_t k, int64_t col) {
-      const int64_t q = col / nb, j = k * nb + col % nb;
-      return j < H ? w + (q * H + j) * P : nullptr;
-    });
+    panels = pack_gate_panels_vnni(w_hh_a, H, nb);
   } else if (!dot_rows && !direct) {
     panels = pack_gate_panels<acc_t>(w_hh_a, H, nb);
   }
   // block_proj: w_ih as per-block panels like w_hh's ([blocks, I, 4nb]; VNNI for native bfloat16).
   if (block_proj && native) {
-    const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
-    w_ih_panels = cpu::pack_vnni_panels(blocks, I, 4 * nb, [&](int64_t k, int64_t col) {
-      const int64_t q = col / nb, j = k * nb + col % nb;
-      return j < H ? w + (q * H + j) * I : nullptr;
-    });
+    w_ih_panels = pack_gate_panels_vnni(w_ih_a, H, nb);
   } else if (block_proj) {
     w_ih_panels = pack_gate_panels<acc_t>(w_ih_a, H, nb);
   }
@@ -508,22 +511,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // What step `step` reads and writes: a function of the step alone, so that any thread can work it
   // out (the persistent loop below).
   struct StepView {
-    int64_t t, t_lo, p_lo, p_n;  // time index; first time index held by gates_a; block_proj's steps
+    int64_t t, t_lo, p_n;  // time index; first time index held by gates_a; steps this step projects
   };
   const auto view_of = [&](int64_t step) {
     StepView v;
     v.t = reverse ? T - 1 - step : step;
     const int64_t c_first = step - step % chunk, c_n = std::min(chunk, T - c_first);
     v.t_lo = reverse ? T - c_first - c_n : c_first;
-    // block_proj: the steps [p_lo, p_lo + p_n) this step projects (p_n > 0)
-    v.p_n = block_proj && step % pchunk == 0 ? std::min(pchunk, T - step) : 0;
-    v.p_lo = reverse ? T - step - v.p_n : step;
+    // block_proj (chunk == pchunk): the first step of a chunk projects all of its steps, which start
+    // at t_lo in either direction.
+    v.p_n = block_proj && step == c_first ? c_n : 0;
     return v;
   };
   // Blocks [k0, k1) of step `step`, on the calling thread.
   const auto step_blocks = [&](int64_t step, int64_t k0, int64_t k1) {
     const StepView v = view_of(step);
-    const int64_t t = v.t, t_lo = v.t_lo, p_lo = v.p_lo, p_n = v.p_n;
+    const int64_t t = v.t, t_lo = v.t_lo, p_n = v.p_n;
     const int64_t rows = act.rows(t);
     acc_t* g_t = gates_a.data_ptr<acc_t>() + (t - t_lo) * B * 4 * H;
     acc_t* cp = c.data_ptr<acc_t>();
@@ -540,9 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t j0 = k * nb, n = std::min(nb, H - j0);
-      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, p_lo * B, w_ih_panels, k, nb,
-                                        gates_a.data_ptr<acc_t>() + (p_lo - t_lo) * B * 4 * H, H,
-                                        j0);
+      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb,
+                                        gates_a.data_ptr<acc_t>(), H, j0);
       if (dot_rows) {
         for (int q = 0; q < 4 && rows > 0; ++q) {
 #ifdef FASTLSTM_HAVE_DPBF16
@@ -650,16 +652,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           int expected = 0;
           state.compare_exchange_strong(expected, 1);
         }
-        if (!wait_for_all(state)) {  // not all arrived in time: run every block alone, if first
+        if (!wait_for_all(state)) {  // not all arrived in time
           int expected = 0;
-          if (!state.compare_exchange_strong(expected, 2) && expected == 1) {
-            // all arrived meanwhile: take part after all
-          } else {
-            if (expected == 0) {  // this chunk took over
-              for (int64_t step = 0; step < T; ++step) step_blocks(step, 0, blocks);
-            }
+          if (state.compare_exchange_strong(expected, 2)) {  // the first to give up runs every block
+            for (int64_t step = 0; step < T; ++step) step_blocks(step, 0, blocks);
             return;
           }
+          if (expected == 2) return;  // another chunk took over; else all arrived meanwhile
         }
         for (int64_t step = 0; step < T; ++step) {
           step_blocks(step, k0, k1);
