@@ -4,7 +4,7 @@
 //
 // Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer (inference: a few
 // steps at a time, by each block for its own columns where the weights are small). Each step is one
-// parallel loop over blocks of 64 hidden units: a thread multiplies h_{t-1} by its block's part of
+// parallel loop over blocks of 32 or 64 hidden units: a thread multiplies h_{t-1} by its block's part of
 // w_hh (all four gates' columns for those units: packed panels for long calls, w_hh read in place
 // for short ones, see forward_impl), then runs the fused gate and cell update for the block, writing
 // the post-activation gates back into the buffer (which in float32/float64 is itself the saved
@@ -430,8 +430,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   //     keeps a wide batch in full vectors and pays off over many steps.
   // Packed on every call, never cached: a cache keyed on the weight's version counter would miss
   // in-place writes through `.data`, which do not bump it.
+  // At most 32 units (128 columns) in the AVX-512 build, 64 otherwise: with AVX-512 the smaller
+  // blocks kept h128 inference at 1.03-1.09x torch's speed during this machine's slow phases, where
+  // 64-unit blocks read 0.92-0.97x (the same otherwise); the AVX2 build ran 2-4% slower with them.
+  // The sums are bitwise those of 64-unit blocks (NOTES.md entry 45).
   // (At least 16 also for H = 0, which the op accepts.)
-  const int64_t nb = std::clamp<int64_t>((H + 15) / 16 * 16, 16, 64);
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr int64_t kMaxBlock = 32;
+#else
+  constexpr int64_t kMaxBlock = 64;
+#endif
+  const int64_t nb = std::clamp<int64_t>((H + 15) / 16 * 16, 16, kMaxBlock);
   const int64_t blocks = (H + nb - 1) / nb;
   const bool dot_rows = B <= 2;
   const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
