@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import _common
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 MODES = ("inference", "training")
 
 
@@ -97,7 +97,8 @@ QUICK_GRID = [
 
 def plan(grid, dtype_arg, device):
     """(shape, dtype name) pairs to run. Default: float32 on CPU; float32, bfloat16 and float16
-    (the last on cuDNN-friendly shapes only) on CUDA. `all` on CPU adds bfloat16 where marked."""
+    (the last on cuDNN-friendly shapes only) on CUDA. `all` on CPU adds bfloat16 where marked.
+    float64 only when named."""
     if dtype_arg is None:
         dtype_arg = ["all"] if device.type == "cuda" else ["float32"]
     if "all" in dtype_arg:
@@ -110,7 +111,7 @@ def plan(grid, dtype_arg, device):
             if explicit is not None:
                 wanted = dtype in explicit and (dtype != "float16" or device.type == "cpu" or shape.fp16_friendly())
             elif device.type == "cuda":
-                wanted = dtype != "float16" or shape.fp16_friendly()
+                wanted = dtype in ("float32", "bfloat16") or (dtype == "float16" and shape.fp16_friendly())
             else:
                 wanted = dtype == "float32" or (dtype == "bfloat16" and shape.low_precision_on_cpu)
             if wanted:
@@ -257,7 +258,10 @@ def step_fn(model, inp, mode):
 
 
 def tolerance(dtype, device, tf32):
-    """rtol = atol for a direct comparison with torch.nn.LSTM in float32 (None: use the float64 rule)."""
+    """rtol = atol for a direct comparison with torch.nn.LSTM in float32 or float64 (None: use the
+    float64 rule)."""
+    if dtype == torch.float64:
+        return 1e-10
     if dtype != torch.float32 or (device.type == "cuda" and tf32):
         return None
     return 1e-4 if device.type == "cpu" else 2e-4
@@ -287,7 +291,7 @@ def check(impl_out, base_out, ref_fn, dtype, device, tf32):
     else:
         direct_failure = None
     ref_out = ref_fn()
-    eps = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    eps = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     worst = ""
     worst_ratio = 0.0
     try:
@@ -658,7 +662,7 @@ def parse_args(argv=None):
         choices=list(DTYPES) + ["all"],
         help="one or more dtypes, or all (default: float32 on CPU; all on CUDA: float32 and bfloat16 "
         "everywhere, float16 on shapes with H, I multiples of 128 and B a multiple of 8 <= 128; "
-        "all on CPU adds bfloat16 for fastrnns and batch-1)",
+        "all on CPU adds bfloat16 for fastrnns and batch-1; float64 only when named)",
     )
     p.add_argument("--mode", choices=["inference", "training", "both"], default="both")
     p.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")

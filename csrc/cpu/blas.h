@@ -331,6 +331,24 @@ inline at::vec::Vectorized<T> load_weights(const W_t* w) {
   }
 }
 
+// The sum of a vector's lanes. float: ATen's in-register reduction. Others (double): halves added
+// pairwise through a stack copy; ATen's generic vec_reduce_all for double reloads a whole vector
+// per lane (a store-forwarding stall each), which made batch-1 float64 steps 0.82x torch's speed.
+template <typename T>
+inline T lane_sum(const at::vec::Vectorized<T>& v) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    return at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, v);
+  } else {
+    alignas(64) T buf[Vec::size()];
+    v.store(buf);
+    for (int64_t w = Vec::size() / 2; w >= 1; w /= 2) {
+      for (int64_t i = 0; i < w; ++i) buf[i] += buf[i + w];
+    }
+    return buf[0];
+  }
+}
+
 template <typename T, int M, typename W_t>
 void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const W_t* W, int64_t ldw, T* C,
                         int64_t ldc) {
@@ -339,7 +357,7 @@ void gemm_nt_small_impl(int64_t N, int64_t K, const T* A, int64_t lda, const W_t
   constexpr int64_t kV = Vec::size(), kR = M == 1 ? 8 : 4;
   const int64_t Kv = K - K % kV;
   auto dot_tail = [&](Vec acc, const T* a, const W_t* w) {
-    T sum = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc);
+    T sum = lane_sum<T>(acc);
     for (int64_t k = Kv; k < K; ++k) sum += a[k] * static_cast<T>(w[k]);
     return sum;
   };
