@@ -246,11 +246,12 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 
 // block_proj (forward_impl): rows [r0, r0 + M) of the input projection for block k's gate columns:
 // gate q of units [j0, j0 + n) into dst[m, q * H + j0 ...] (row stride 4H), from w_ih's per-block
-// panels [blocks, I, 4nb] (VNNI pairs for native bfloat16, x then bfloat16). Tiles of at most 256
-// rows, fixed by M.
+// panels [blocks, I, 4nb] (gate q at column q * w, w the block's width; VNNI pairs for native
+// bfloat16, x then bfloat16). Tiles of at most 256 rows, fixed by M.
 template <typename acc_t>
 void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tensor& x, int64_t r0,
-                   const at::Tensor& panels, int64_t k, int64_t nb, acc_t* dst, int64_t H, int64_t j0) {
+                   const at::Tensor& panels, int64_t k, int64_t nb, int64_t w, acc_t* dst, int64_t H,
+                   int64_t j0) {
   const std::pair<int64_t, int64_t> tiles = cpu::row_tiles(M, 256);
   for (int64_t tile = 0; tile < tiles.first; ++tile) {
     const int64_t m0 = tile * tiles.second, mt = std::min(tiles.second, M - m0);
@@ -258,32 +259,54 @@ void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tenso
       acc_t* c = dst + m0 * 4 * H + q * H + j0;
       if (native) {
         const auto* a = reinterpret_cast<const at::BFloat16*>(x.data_ptr()) + (r0 + m0) * I;
-        const auto* b = reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) + k * I * 4 * nb + q * nb * 2;
+        const auto* b = reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) + k * I * 4 * nb + q * w * 2;
         at::native::cpublas::brgemm(mt, n, I, I, 4 * nb, 4 * H, false, a, b, reinterpret_cast<float*>(c),
                                     true);
       } else {
         cpu::gemm_serial<acc_t>(mt, n, I, x.data_ptr<acc_t>() + (r0 + m0) * I, I,
-                                panels.data_ptr<acc_t>() + k * I * 4 * nb + q * nb, 4 * nb, c, 4 * H);
+                                panels.data_ptr<acc_t>() + k * I * 4 * nb + q * w, 4 * nb, c, 4 * H);
       }
     }
   }
 }
 
-// w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * nb + jj is gate q of
-// hidden unit k * nb + jj (zero past H), so one matmul gives a block all it needs for its update.
-// Each gate's rows of a block are transposed into their columns in register tiles (rows_to_panel).
+// The step's hidden units in `count` blocks of whole 16-unit groups, as even as the groups allow:
+// block k holds groups [k * groups / count, (k + 1) * groups / count), at most max_units units. The
+// count is even (above one block), so the halves of the blocks that two threads take hold the same
+// number of groups, give or take one, whatever H is (with equal-width blocks H = 96 had split 64/32
+// units, H = 160 96/64). Fixed by H and the build alone, never by the thread count: every block
+// computes the same sums in the same order whichever thread runs it.
+struct UnitBlocks {
+  int64_t H, groups, count, nb;  // nb: the widest block's units (the panels' stride is 4 * nb)
+  int64_t j0(int64_t k) const { return 16 * (k * groups / count); }
+  int64_t width(int64_t k) const { return j0(k + 1) - j0(k); }     // units, padding past H included
+  int64_t n(int64_t k) const { return std::min(H, j0(k + 1)) - j0(k); }  // units below H
+};
+
+inline UnitBlocks unit_blocks(int64_t H, int64_t max_units) {
+  const int64_t groups = (H + 15) / 16, per = max_units / 16;
+  if (groups == 0) return {H, 0, 0, 16};  // H = 0, which the op accepts: no blocks
+  int64_t count = (groups + per - 1) / per;
+  if (count > 1 && count % 2 == 1) ++count;
+  return {H, groups, count, 16 * ((groups + count - 1) / count)};
+}
+
+// w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * w + jj (w = its width)
+// is gate q of hidden unit j0 + jj (zero past H), so one matmul over its first 4w columns gives a
+// block all it needs for its update. Each gate's rows of a block are transposed into their columns
+// in register tiles (rows_to_panel).
 template <typename acc_t>
-at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
-  const int64_t P = w_hh.size(1), blocks = (H + nb - 1) / nb;
-  at::Tensor panels = cpu::cached_empty({blocks, P, 4 * nb}, w_hh.options());
+at::Tensor pack_gate_panels(const at::Tensor& w_hh, const UnitBlocks& ub) {
+  const int64_t P = w_hh.size(1), H = ub.H, nb = ub.nb;
+  at::Tensor panels = cpu::cached_empty({ub.count, P, 4 * nb}, w_hh.options());
   const acc_t* w = w_hh.data_ptr<acc_t>();
   acc_t* out = panels.data_ptr<acc_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, ub.count, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j0 = k * nb, n = std::min(nb, H - j0);
+      const int64_t j0 = ub.j0(k), n = ub.n(k), wk = ub.width(k);
       acc_t* dst = out + k * P * 4 * nb;
       for (int64_t q = 0; q < 4; ++q) {
-        cpu::rows_to_panel(n, nb, P, w + (q * H + j0) * P, P, dst + q * nb, 4 * nb);
+        cpu::rows_to_panel(n, wk, P, w + (q * H + j0) * P, P, dst + q * wk, 4 * nb);
       }
     }
   });
@@ -292,12 +315,12 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, int64_t H, int64_t nb) {
 
 // pack_gate_panels' layout for native bfloat16 (pack_vnni_panels: [blocks, K / 2, 4 * nb, 2]), for
 // w_hh [4H, P] and, with the per-block projection, w_ih [4H, I].
-inline at::Tensor pack_gate_panels_vnni(const at::Tensor& w_rows, int64_t H, int64_t nb) {
-  const int64_t K = w_rows.size(1), blocks = (H + nb - 1) / nb;
+inline at::Tensor pack_gate_panels_vnni(const at::Tensor& w_rows, const UnitBlocks& ub) {
+  const int64_t K = w_rows.size(1), H = ub.H;
   const auto* w = reinterpret_cast<const at::BFloat16*>(w_rows.data_ptr());
-  return cpu::pack_vnni_panels(blocks, K, 4 * nb, [&](int64_t k, int64_t col) {
-    const int64_t q = col / nb, j = k * nb + col % nb;
-    return j < H ? w + (q * H + j) * K : nullptr;
+  return cpu::pack_vnni_panels(ub.count, K, 4 * ub.nb, [&](int64_t k, int64_t col) {
+    const int64_t wk = ub.width(k), q = col / wk, jj = col % wk;
+    return q < 4 && jj < ub.n(k) ? w + (q * H + ub.j0(k) + jj) * K : nullptr;
   });
 }
 
@@ -419,9 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor bias_a = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const acc_t* bias_p = bias.defined() ? bias_a.data_ptr<acc_t>() : nullptr;
 
-  // Blocks of nb hidden units, each one matmul and one fused update on one thread. nb is fixed by H
-  // alone, never by the thread count, so that every block computes the same sums in the same order
-  // whichever thread runs it: the results do not depend on the number of threads.
+  // Blocks of hidden units (UnitBlocks), each one matmul and one fused update on one thread.
   //   batch <= 2: dot products with w_hh's rows (nothing packed);
   //   `direct`: rec^T[4nb, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
   //     transposed (a [P, B] copy per step, cheap): no packing, for calls with few steps (decoding)
@@ -433,15 +454,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // At most 32 units (128 columns) in the AVX-512 build, 64 otherwise: with AVX-512 the smaller
   // blocks kept h128 inference at 1.03-1.09x torch's speed during this machine's slow phases, where
   // 64-unit blocks read 0.92-0.97x (the same otherwise); the AVX2 build ran 2-4% slower with them.
-  // The sums are bitwise those of 64-unit blocks (NOTES.md entry 45).
-  // (At least 16 also for H = 0, which the op accepts.)
+  // The sums are bitwise those of 64-unit blocks (NOTES.md entry 45); blocks: entry 48.
 #if defined(CPU_CAPABILITY_AVX512)
   constexpr int64_t kMaxBlock = 32;
 #else
   constexpr int64_t kMaxBlock = 64;
 #endif
-  const int64_t nb = std::clamp<int64_t>((H + 15) / 16 * 16, 16, kMaxBlock);
-  const int64_t blocks = (H + nb - 1) / nb;
+  const UnitBlocks ub = unit_blocks(H, kMaxBlock);
+  const int64_t nb = ub.nb, blocks = ub.count;
   const bool dot_rows = B <= 2;
   const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
   // Blocks per task of the step loop's parallel_for (a task is at least about 128K multiply-adds).
@@ -478,15 +498,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor w_hh_a = keep_w_hh ? w_hh.contiguous() : w_hh.to(acc).contiguous();
   at::Tensor panels;
   if (native && !dot_rows) {
-    panels = pack_gate_panels_vnni(w_hh_a, H, nb);
+    panels = pack_gate_panels_vnni(w_hh_a, ub);
   } else if (!dot_rows && !direct) {
-    panels = pack_gate_panels<acc_t>(w_hh_a, H, nb);
+    panels = pack_gate_panels<acc_t>(w_hh_a, ub);
   }
   // block_proj: w_ih as per-block panels like w_hh's ([blocks, I, 4nb]; VNNI for native bfloat16).
   if (block_proj && native) {
-    w_ih_panels = pack_gate_panels_vnni(w_ih_a, H, nb);
+    w_ih_panels = pack_gate_panels_vnni(w_ih_a, ub);
   } else if (block_proj) {
-    w_ih_panels = pack_gate_panels<acc_t>(w_ih_a, H, nb);
+    w_ih_panels = pack_gate_panels<acc_t>(w_ih_a, ub);
   }
   const at::Tensor w_hr_a = has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
   // float32 on brgemm: the projection h = m @ w_hr^T in column blocks of w_hr^T (fixed by the shape,
@@ -551,8 +571,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* hb_next = native ? hb_buf.data_ptr<scalar_t>() + ((step + 1) % 2) * B * P : nullptr;
     acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j0 = k * nb, n = std::min(nb, H - j0);
-      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb,
+      const int64_t j0 = ub.j0(k), n = ub.n(k), w = ub.width(k);  // rec: [B, 4w], gate q at q * w
+      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb, w,
                                         gates_a.data_ptr<acc_t>(), H, j0);
       if (dot_rows) {
         for (int q = 0; q < 4 && rows > 0; ++q) {
@@ -561,37 +581,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             if (native) {
               cpu::dot_rows_bf16(rows, n, P, reinterpret_cast<const at::BFloat16*>(hb_cur), P,
                                  reinterpret_cast<const at::BFloat16*>(w_hh_low) + (q * H + j0) * P,
-                                 P, reinterpret_cast<float*>(rec) + q * nb, 4 * nb);
+                                 P, reinterpret_cast<float*>(rec) + q * w, 4 * w);
               continue;
             }
           }
 #endif
           if (keep_w_hh) {
             cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
-                                                rec + q * nb, 4 * nb);
+                                                rec + q * w, 4 * w);
           } else {
             cpu::gemm_nt_small<acc_t, acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
-                                             rec + q * nb, 4 * nb);
+                                             rec + q * w, 4 * w);
           }
         }
       } else if (direct) {
-        acc_t* recT = rec + B * 4 * nb;  // [4nb, B]: row q * nb + jj is gate q of unit j0 + jj
+        acc_t* recT = rec + B * 4 * nb;  // [4w, B]: row q * w + jj is gate q of unit j0 + jj
         for (int q = 0; q < 4 && rows > 0; ++q) {
           cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
-                                  recT + q * nb * B, B);
+                                  recT + q * w * B, B);
         }
-        cpu::transpose_tile(4 * nb, rows, recT, B, rec, 4 * nb);
+        cpu::transpose_tile(4 * w, rows, recT, B, rec, 4 * w);
       } else if (native) {
         if (rows > 0) {
-          at::native::cpublas::brgemm(rows, 4 * nb, P, P, 4 * nb, 4 * nb, false,
+          at::native::cpublas::brgemm(rows, 4 * w, P, P, 4 * nb, 4 * w, false,
                                       reinterpret_cast<const at::BFloat16*>(hb_cur),
                                       reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) +
                                           k * P * 4 * nb,
                                       reinterpret_cast<float*>(rec), true);
         }
       } else {
-        cpu::gemm_serial<acc_t>(rows, 4 * nb, P, h_cur, P,
-                                panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * nb);
+        cpu::gemm_serial<acc_t>(rows, 4 * w, P, h_cur, P,
+                                panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * w);
       }
       for (int64_t b = 0; b < B; ++b) {
         acc_t* g = g_t + b * 4 * H + j0;
@@ -621,14 +641,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           continue;
         }
         if (low_gates) {
-          cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+          cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
                                         cp + b * H + j0, cell_t + b * H + j0, m, gl);
         } else {
           if (training) {
-            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
                                        cp + b * H + j0, cell_t + b * H + j0, m, g);
           } else {
-            cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * nb, nb, bias_p ? bias_p + j0 : nullptr,
+            cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
                                               cp + b * H + j0, nullptr, m, nullptr);
           }
         }
