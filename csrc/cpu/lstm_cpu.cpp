@@ -271,11 +271,13 @@ void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tenso
 }
 
 // The step's hidden units in `count` blocks of whole 16-unit groups, as even as the groups allow:
-// block k holds groups [k * groups / count, (k + 1) * groups / count), at most max_units units. The
-// count is even (above one block), so the halves of the blocks that two threads take hold the same
-// number of groups, give or take one, whatever H is (with equal-width blocks H = 96 had split 64/32
-// units, H = 160 96/64). Fixed by H and the build alone, never by the thread count: every block
-// computes the same sums in the same order whichever thread runs it.
+// block k holds groups [k * groups / count, (k + 1) * groups / count). The count is the even number
+// nearest groups / per (per: the groups a block should hold; on a tie the smaller count if its
+// blocks stay within 3 groups), one block if groups <= per. An even count gives the two halves of
+// the blocks that two threads take the same number of groups, give or take one, whatever H is
+// (with equal-width blocks H = 96 had split 64/32 units, H = 160 96/64). Fixed by H and the build
+// alone, never by the thread count: every block computes the same sums in the same order whichever
+// thread runs it.
 struct UnitBlocks {
   int64_t H, groups, count, nb;  // nb: the widest block's units (the panels' stride is 4 * nb)
   int64_t j0(int64_t k) const { return 16 * (k * groups / count); }
@@ -283,11 +285,15 @@ struct UnitBlocks {
   int64_t n(int64_t k) const { return std::min(H, j0(k + 1)) - j0(k); }  // units below H
 };
 
-inline UnitBlocks unit_blocks(int64_t H, int64_t max_units) {
-  const int64_t groups = (H + 15) / 16, per = max_units / 16;
+inline UnitBlocks unit_blocks(int64_t H, int64_t units) {
+  const int64_t groups = (H + 15) / 16, per = units / 16;
   if (groups == 0) return {H, 0, 0, 16};  // H = 0, which the op accepts: no blocks
-  int64_t count = (groups + per - 1) / per;
-  if (count > 1 && count % 2 == 1) ++count;
+  int64_t count = 1;
+  if (groups > per) {
+    const int64_t lo = 2 * (groups / (2 * per)), hi = lo + 2;  // the even counts around groups / per
+    const bool tie = 2 * groups == per * (lo + hi);
+    count = lo >= 2 && (2 * groups < per * (lo + hi) || (tie && (groups + lo - 1) / lo <= 3)) ? lo : hi;
+  }
   return {H, groups, count, 16 * ((groups + count - 1) / count)};
 }
 
@@ -451,16 +457,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   //     keeps a wide batch in full vectors and pays off over many steps.
   // Packed on every call, never cached: a cache keyed on the weight's version counter would miss
   // in-place writes through `.data`, which do not bump it.
-  // At most 32 units (128 columns) in the AVX-512 build, 64 otherwise: with AVX-512 the smaller
-  // blocks kept h128 inference at 1.03-1.09x torch's speed during this machine's slow phases, where
-  // 64-unit blocks read 0.92-0.97x (the same otherwise); the AVX2 build ran 2-4% slower with them.
-  // The sums are bitwise those of 64-unit blocks (NOTES.md entry 45); blocks: entry 48.
+  // Blocks of about 32 units (128 columns) in the AVX-512 build, 64 otherwise: with AVX-512 the
+  // smaller blocks kept h128 inference at 1.03-1.09x torch's speed during this machine's slow
+  // phases, where 64-unit blocks read 0.92-0.97x (the same otherwise); the AVX2 build ran 2-4%
+  // slower with them. The sums are bitwise those of 64-unit blocks (NOTES.md entries 45, 48).
 #if defined(CPU_CAPABILITY_AVX512)
-  constexpr int64_t kMaxBlock = 32;
+  constexpr int64_t kBlockUnits = 32;
 #else
-  constexpr int64_t kMaxBlock = 64;
+  constexpr int64_t kBlockUnits = 64;
 #endif
-  const UnitBlocks ub = unit_blocks(H, kMaxBlock);
+  const UnitBlocks ub = unit_blocks(H, kBlockUnits);
   const int64_t nb = ub.nb, blocks = ub.count;
   const bool dot_rows = B <= 2;
   const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
