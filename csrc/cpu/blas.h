@@ -281,6 +281,52 @@ void gemv_row(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c) {
 // Depth of one brgemm call in gemm_serial (see there).
 constexpr int64_t kKChunk = 1024;
 
+// C[r0 + MR rows, up to 2 vectors of columns] of gemm_tiles: MR rows of A times B's columns
+// [0, n), n <= 2 * Vec::size(), k in order. kFull: n is exactly two vectors (no partial loads).
+template <typename T, int MR, bool kFull>
+inline void gemm_tile(int64_t n, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                      int64_t ldc) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t n0 = std::min(n, kV), n1 = n - n0;
+  Vec acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const Vec b0 = kFull ? Vec::loadu(b) : Vec::loadu(b, n0);
+    const Vec b1 = kFull ? Vec::loadu(b + kV) : (n1 > 0 ? Vec::loadu(b + kV, n1) : Vec(T(0)));
+    for (int i = 0; i < MR; ++i) {
+      const Vec a(A[i * lda + k]);
+      acc0[i] = at::vec::fmadd(a, b0, acc0[i]);
+      acc1[i] = at::vec::fmadd(a, b1, acc1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    acc0[i].store(C + i * ldc, n0);
+    if (n1 > 0) acc1[i].store(C + i * ldc + kV, n1);
+  }
+}
+
+// C[M, N] (ldc) = A[M, K] (lda) @ B[K, N] (ldb) on the calling thread, in register tiles of 4 rows
+// by two vectors, each sum over k in order. For float64's `direct` step products (forward_impl),
+// which have no brgemm: MKL's dgemm packed both operands on every one of those small calls, a third
+// of a float64 decoding step's time (NOTES.md entry 50). Fixed by the shape, so the results are too.
+template <typename T>
+void gemm_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                T* C, int64_t ldc) {
+  constexpr int64_t kW = 2 * at::vec::Vectorized<T>::size();
+  for (int64_t c0 = 0; c0 < N; c0 += kW) {
+    const int64_t n = std::min(kW, N - c0);
+    int64_t r = 0;
+    if (n == kW) {
+      for (; r + 4 <= M; r += 4) gemm_tile<T, 4, true>(n, K, A + r * lda, lda, B + c0, ldb, C + r * ldc + c0, ldc);
+    } else {
+      for (; r + 4 <= M; r += 4) gemm_tile<T, 4, false>(n, K, A + r * lda, lda, B + c0, ldb, C + r * ldc + c0, ldc);
+    }
+    for (; r < M; ++r) gemm_tile<T, 1, false>(n, K, A + r * lda, lda, B + c0, ldb, C + r * ldc + c0, ldc);
+  }
+}
+
 // C[M, N] = A[M, K] @ B[K, N] (row-major, leading dimensions given) on the calling thread: the
 // building block of the parallel loops, each thread computing its own block of C.
 template <typename T>

@@ -603,8 +603,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       } else if (direct) {
         acc_t* recT = rec + B * 4 * nb;  // [4w, B]: row q * w + jj is gate q of unit j0 + jj
         for (int q = 0; q < 4 && rows > 0; ++q) {
-          cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
-                                  recT + q * w * B, B);
+          if constexpr (std::is_same_v<acc_t, double>) {  // no brgemm: not MKL on small products
+            cpu::gemm_tiles<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B, recT + q * w * B, B);
+          } else {
+            cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
+                                    recT + q * w * B, B);
+          }
         }
         cpu::transpose_tile(4 * w, rows, recT, B, rec, 4 * w);
       } else if (native) {
