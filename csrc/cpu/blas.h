@@ -281,8 +281,8 @@ void gemv_row(int64_t N, int64_t K, const T* a, const T* B, int64_t ldb, T* c) {
 // Depth of one brgemm call in gemm_serial (see there).
 constexpr int64_t kKChunk = 1024;
 
-// C[r0 + MR rows, up to 2 vectors of columns] of gemm_tiles: MR rows of A times B's columns
-// [0, n), n <= 2 * Vec::size(), k in order. kFull: n is exactly two vectors (no partial loads).
+// One register tile of gemm_tiles: C's first MR rows and columns [0, n), n <= 2 * Vec::size(), from
+// MR rows of A and B's columns [0, n), k in order. kFull: n is exactly two vectors (no partial loads).
 template <typename T, int MR, bool kFull>
 inline void gemm_tile(int64_t n, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                       int64_t ldc) {

@@ -4,8 +4,9 @@
 //
 // Forward: one GEMM projects the input of all timesteps into a [T, B, 4H] buffer (inference: a few
 // steps at a time, by each block for its own columns where the weights are small). Each step is one
-// parallel loop over blocks of 32 or 64 hidden units: a thread multiplies h_{t-1} by its block's part of
-// w_hh (all four gates' columns for those units: packed panels for long calls, w_hh read in place
+// parallel loop over blocks of about 32 (AVX-512) or 64 hidden units in whole 16-unit groups
+// (UnitBlocks): a thread multiplies h_{t-1} by its block's part of w_hh (all four gates' columns
+// for those units: packed panels for long calls, w_hh read in place
 // for short ones, see forward_impl), then runs the fused gate and cell update for the block, writing
 // the post-activation gates back into the buffer (which in float32/float64 is itself the saved
 // `gates`). No thread waits for another between the matmul and the pointwise math; h is
@@ -450,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Blocks of hidden units (UnitBlocks), each one matmul and one fused update on one thread.
   //   batch <= 2: dot products with w_hh's rows (nothing packed);
-  //   `direct`: rec^T[4nb, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
+  //   `direct`: rec^T[4w, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
   //     transposed (a [P, B] copy per step, cheap): no packing, for calls with few steps (decoding)
   //     and where brgemm is unavailable (BLAS packs internally anyway);
   //   otherwise brgemm on per-block panels of w_hh packed once per call ([blocks, P, 4nb]), which
