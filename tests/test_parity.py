@@ -227,6 +227,45 @@ def test_inference_path(B, H, T):
         torch.testing.assert_close(c_f, c_r, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,T", [(2, 24, 9), (16, 40, 12), (64, 64, 10)])
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_padding_is_never_read(dtype, B, H, T, order):
+    """With lengths, the op projects only each step's running rows (sorted lengths) or ignores the
+    projections of finished rows: NaN in the padding must reach no result, and every result is
+    bitwise the one with zeros there. The shapes take the input projection's paths: B = 2 (ATen
+    product over the gathered rows), B = 16 and 64 (whole-call projection tiles; B = 64 also
+    projects block by block in the step loop) in inference and training, float64 (MKL), float32
+    and bfloat16 (brgemm where available)."""
+    fast, ref = make_pair(H, H, dtype=torch.float32, num_layers=2, bidirectional=True)
+    fast = fast.to(dtype)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0], lengths[-1] = T, 1
+    if order == "sorted":
+        lengths = lengths.sort(descending=True).values
+    pad = torch.arange(T).unsqueeze(1) >= lengths.unsqueeze(0)  # [T, B]
+    x = torch.randn(T, B, H, dtype=dtype)
+    x_nan = x.masked_fill(pad.unsqueeze(2), float("nan"))
+    x_zero = x.masked_fill(pad.unsqueeze(2), 0.0)
+    for training in (False, True):
+        results = []
+        for inp in (x_nan, x_zero):
+            leaf = inp.clone().requires_grad_(training)
+            with torch.set_grad_enabled(training):
+                out, (h, c) = fast(leaf, lengths=lengths)
+            got = [out, h, c]
+            if training:
+                fast.zero_grad()
+                (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+                got += [leaf.grad.masked_fill(pad.unsqueeze(2), 0.0)]
+                got += [p.grad.clone() for p in fast.parameters()]
+            results.append([r.detach() for r in got])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert not a.isnan().any(), f"training={training}: result {i} has NaN from the padding"
+            assert torch.equal(a, b), f"training={training}: result {i} depends on the padding"
+        assert training or not (results[0][0][pad] != 0).any(), "padded outputs must be zero"
+
+
 def test_inference_saves_nothing():
     import fastlstm
     x, h = torch.randn(4, 3, 5), torch.zeros(3, 6)

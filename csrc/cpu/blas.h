@@ -217,17 +217,36 @@ inline std::pair<int64_t, int64_t> row_tiles(int64_t M, int64_t max_rows) {
   return {tiles, tiles > 0 ? (M + tiles - 1) / tiles : max_rows};
 }
 
+// The rows of a product that come in `segments` blocks of `stride` rows, of which only the first
+// rows[s] of block s take part (rows null: all `stride`): the row tiles of each block
+// (row_tiles(rows[s], max_rows)) as {first row, rows}. A block's rows in its own tiles give each
+// row the sums it gets in one tile list over all rows: a row's sum does not depend on its tile.
+inline std::vector<std::pair<int64_t, int64_t>> segment_tiles(int64_t segments, int64_t stride,
+                                                              const int64_t* rows, int64_t max_rows) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t m = rows != nullptr ? rows[s] : stride;
+    const std::pair<int64_t, int64_t> t = row_tiles(m, max_rows);
+    for (int64_t i = 0; i < t.first; ++i) out.emplace_back(s * stride + i * t.second, std::min(t.second, m - i * t.second));
+  }
+  return out;
+}
+
 // C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
 // (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
+// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows (M = segments *
+// stride): the other rows of C are left as they were.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
-                               const at::Tensor& panels, int64_t nt, float* C, int64_t ldc) {
-  const std::pair<int64_t, int64_t> tiles = row_tiles(M, 256);
-  const int64_t m_tiles = tiles.first, mt = tiles.second, n_tiles = (N + nt - 1) / nt;
+                               const at::Tensor& panels, int64_t nt, float* C, int64_t ldc,
+                               int64_t stride = 0, const int64_t* rows = nullptr) {
+  const std::vector<std::pair<int64_t, int64_t>> mtiles =
+      rows != nullptr ? segment_tiles(M / stride, stride, rows, 256) : segment_tiles(1, M, nullptr, 256);
+  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / n_tiles) * mt, n = tile % n_tiles, n0 = n * nt;
-      at::native::cpublas::brgemm(std::min(mt, M - m0), std::min(nt, N - n0), K, lda, nt, ldc, false,
+      const int64_t m0 = mtiles[tile / n_tiles].first, n = tile % n_tiles, n0 = n * nt;
+      at::native::cpublas::brgemm(mtiles[tile / n_tiles].second, std::min(nt, N - n0), K, lda, nt, ldc, false,
                                   A + m0 * lda, P + n * K * nt, C + m0 * ldc + n0, true);
     }
   });
@@ -663,19 +682,23 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
 }
 
 // C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt); in parallel over tiles.
+// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows (M = segments *
+// stride): the other rows of C are left as they were.
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
-                   int64_t nt, T* C, int64_t ldc) {
-  const std::pair<int64_t, int64_t> tiles = row_tiles(M, 256);  // a tile of A stays in L2
-  const int64_t m_tiles = tiles.first, mt = tiles.second, n_tiles = (N + nt - 1) / nt;
+                   int64_t nt, T* C, int64_t ldc, int64_t stride = 0, const int64_t* rows = nullptr) {
+  // A tile of A stays in L2.
+  const std::vector<std::pair<int64_t, int64_t>> mtiles =
+      rows != nullptr ? segment_tiles(M / stride, stride, rows, 256) : segment_tiles(1, M, nullptr, 256);
+  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.
-  const int64_t tile_work = std::min(mt, M) * nt * K;
+  const int64_t tile_work = (m_tiles > 0 ? mtiles[0].second : 1) * nt * K;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, tile_work));
   at::parallel_for(0, m_tiles * n_tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = (tile / n_tiles) * mt, n = tile % n_tiles, n0 = n * nt;
-      gemm_serial<T>(std::min(mt, M - m0), std::min(nt, N - n0), K, A + m0 * lda, lda,
+      const int64_t m0 = mtiles[tile / n_tiles].first, n = tile % n_tiles, n0 = n * nt;
+      gemm_serial<T>(mtiles[tile / n_tiles].second, std::min(nt, N - n0), K, A + m0 * lda, lda,
                      P + n * K * nt, nt, C + m0 * ldc + n0, ldc);
     }
   });

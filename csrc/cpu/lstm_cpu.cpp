@@ -228,21 +228,51 @@ at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
 // more than the product (a decoding step). The float32 backward runs on brgemm at every size.
 constexpr int64_t kBrgemmMinRows = 64;
 
-// Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I]. Products of kBrgemmMinRows rows or more
-// go through brgemm on weight panels packed once per call (`panels`, filled on first use); small
-// ones through ATen.
+// Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I], a and c in M / B steps of B rows. With
+// `rows` (sorted lengths: step s runs rows[s] rows, the rest is padding) only each step's running
+// rows: the others are left unwritten (inference reads none of them; training writes them in the
+// step loop). Products of kBrgemmMinRows rows or more (padding included, so that the choice does
+// not depend on the lengths) go through brgemm on weight panels packed once per call (`panels`,
+// filled on first use), tiles within each step's rows. The others go through ATen: with `rows`, one
+// product over the running rows gathered together (a product a step ran at a few rows each, at
+// half the rate: float64, B = 16, H = 1024), its rows then moved to their steps' places in c.
 template <typename acc_t>
-void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels, at::Tensor c) {
+void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels, at::Tensor c, int64_t B,
+                   const int64_t* rows) {
   constexpr int64_t nt = 64;
+  const int64_t M = a.size(0);
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (cpu::brgemm_usable() && a.size(0) >= kBrgemmMinRows) {
+    if (cpu::brgemm_usable() && M >= kBrgemmMinRows) {
       if (!panels.defined()) panels = cpu::pack_panels(w, nt);
-      cpu::matmul_panels<float>(a.size(0), w.size(0), a.size(1), a.data_ptr<float>(), a.size(1),
-                                panels, nt, c.data_ptr<float>(), c.size(1));
+      cpu::matmul_panels<float>(M, w.size(0), a.size(1), a.data_ptr<float>(), a.size(1), panels, nt,
+                                c.data_ptr<float>(), c.size(1), B, rows);
       return;
     }
   }
-  at::mm_out(c, a, w.t());
+  if (rows == nullptr) {
+    at::mm_out(c, a, w.t());
+    return;
+  }
+  const int64_t steps = M / B, I = a.size(1), N = c.size(1);
+  int64_t running = 0;
+  for (int64_t s = 0; s < steps; ++s) running += rows[s];
+  at::Tensor packed = cpu::cached_empty({running, I}, a.options());
+  const auto* src = static_cast<const char*>(a.data_ptr());
+  auto* dst = static_cast<char*>(packed.data_ptr());
+  const int64_t row_bytes = I * static_cast<int64_t>(a.element_size());
+  for (int64_t s = 0, r = 0; s < steps; r += rows[s], ++s) {
+    std::memcpy(dst + r * row_bytes, src + s * B * row_bytes, rows[s] * row_bytes);
+  }
+  at::Tensor head = c.narrow(0, 0, running);
+  at::mm_out(head, packed, w.t());
+  // Step s's rows from [r_s, r_s + rows[s]) to [s * B, ...): r_s <= s * B, so moved from the last
+  // step back, no row is overwritten before it has moved.
+  auto* out = static_cast<char*>(c.data_ptr());
+  const int64_t out_bytes = N * static_cast<int64_t>(c.element_size());
+  for (int64_t s = steps - 1, r = running; s >= 0; --s) {
+    r -= rows[s];
+    if (r != s * B) std::memmove(out + s * B * out_bytes, out + r * out_bytes, rows[s] * out_bytes);
+  }
 }
 
 // block_proj (forward_impl): rows [r0, r0 + M) of the input projection for block k's gate columns:
@@ -343,12 +373,15 @@ inline int env_choice(const char* name, const char* first, const char* second) {
 
 // Whether the recurrent matmul reads w_hh in place (see forward_impl) rather than from panels packed
 // for the call. Packing costs about one strided pass over w_hh; the panels repay it when there are
-// many steps. FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
-inline bool use_direct_recurrence(int64_t T, int64_t B, int64_t H, int64_t P) {
+// many steps. float64 (no brgemm) reads w_hh in place up to 32 rows at any length: there the
+// in-place product runs in register tiles (gemm_tiles), while a packed block's product is an MKL
+// call that copies h on every call (a fifth of the time at B = 16, H = 1024: 0.96x torch against
+// 1.18x in place; NOTES.md entry 52). FASTLSTM_CPU_WHH=direct|packed overrides (for comparisons).
+inline bool use_direct_recurrence(int64_t T, int64_t B, bool float64) {
   static const int forced = env_choice("FASTLSTM_CPU_WHH", "direct", "packed");
   if (forced != 0) return forced == 1;
   if (!cpu::brgemm_usable()) return true;
-  return T <= 4;
+  return T <= 4 || (float64 && B <= 32);
 }
 
 // Whether an inference call projects its input block by block inside the step loop (block_proj in
@@ -470,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const UnitBlocks ub = unit_blocks(H, kBlockUnits);
   const int64_t nb = ub.nb, blocks = ub.count;
   const bool dot_rows = B <= 2;
-  const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, H, P);
+  const bool direct = !dot_rows && !native && use_direct_recurrence(T, B, std::is_same_v<acc_t, double>);
   // Blocks per task of the step loop's parallel_for (a task is at least about 128K multiply-adds).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
 
@@ -542,6 +575,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor h_proj = has_proj ? at::empty({B, P}, acc) : at::Tensor();
 
   const Activity act = make_activity(lengths, B);
+  std::vector<int64_t> chunk_rows(act.sorted ? chunk : 0);  // running rows of a chunk's steps
   const scalar_t* w_hh_low = keep_w_hh ? w_hh_a.data_ptr<scalar_t>() : nullptr;
   const acc_t* w_hh_p = keep_w_hh ? nullptr : w_hh_a.data_ptr<acc_t>();
   // What step `step` reads and writes: a function of the step alone, so that any thread can work it
@@ -579,8 +613,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t j0 = ub.j0(k), n = ub.n(k), w = ub.width(k);  // rec: [B, 4w], gate q at q * w
-      if (p_n > 0) project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb, w,
-                                        gates_a.data_ptr<acc_t>(), H, j0);
+      if (p_n > 0 && act.sorted) {  // each step's running rows only (see project_input)
+        for (int64_t i = 0; i < p_n; ++i) {
+          project_block<acc_t>(native, act.rows(t_lo + i), n, I, x_a, (t_lo + i) * B, w_ih_panels, k, nb,
+                               w, gates_a.data_ptr<acc_t>() + i * B * 4 * H, H, j0);
+        }
+      } else if (p_n > 0) {
+        project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb, w,
+                             gates_a.data_ptr<acc_t>(), H, j0);
+      }
       if (dot_rows) {
         for (int q = 0; q < 4 && rows > 0; ++q) {
 #ifdef FASTLSTM_HAVE_DPBF16
@@ -718,6 +759,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (!block_proj && step % chunk == 0) {
         const int64_t n = std::min(chunk, T - step);
         at::Tensor dst = gates_a.view({chunk * B, 4 * H}).narrow(0, 0, n * B);
+        // With sorted lengths, the running rows of each of the n steps only (project_input).
+        if (act.sorted) {
+          for (int64_t i = 0; i < n; ++i) chunk_rows[i] = act.rows(t_lo + i);
+        }
+        const int64_t* rows_of = act.sorted ? chunk_rows.data() : nullptr;
         if (native) {
           if (!w_ih_panels.defined()) {
             const auto* w = reinterpret_cast<const at::BFloat16*>(w_ih_a.data_ptr());
@@ -727,9 +773,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
           cpu::matmul_vnni_panels(n * B, 4 * H, I,
                                   reinterpret_cast<const at::BFloat16*>(x_a.data_ptr()) + t_lo * B * I, I,
-                                  w_ih_panels, 64, reinterpret_cast<float*>(dst.data_ptr()), 4 * H);
+                                  w_ih_panels, 64, reinterpret_cast<float*>(dst.data_ptr()), 4 * H, B,
+                                  rows_of);
         } else {
-          project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels, dst);
+          project_input<acc_t>(x_a.narrow(0, t_lo * B, n * B), w_ih_a, w_ih_panels, dst, B, rows_of);
         }
       }
       at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) { step_blocks(step, k0, k1); });
@@ -898,7 +945,13 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   }
 
   const at::Tensor dG2 = dG.view({T * B, 4 * H});
-  const at::Tensor x2 = input.reshape({T * B, I}).to(acc);
+  // The input with zeros past each length: the forward never read those rows, and a NaN there
+  // (padding is the caller's) must not reach grad_w_ih through dG's zero rows (0 * NaN).
+  const at::Tensor x_in = lengths.defined()
+      ? input.reshape({T * B, I}).masked_fill(
+            (at::arange(T, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0)).view({T * B, 1}), 0)
+      : input.reshape({T * B, I});
+  const at::Tensor x2 = x_in.to(acc);
   at::Tensor grad_input, grad_w_ih, grad_w_hh;
   // Native bfloat16 (see above): at::mm in bfloat16 is oneDNN's matmul, float32 accumulation
   // inside, a bfloat16 result (the gradients' dtype).
@@ -910,7 +963,7 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   const at::Tensor dG_low2 = native ? dG_low.view({T * B, 4 * H}) : at::Tensor();
   if (native_mm) {
     grad_input = at::mm(dG_low2, w_ih.contiguous()).view({T, B, I});
-    grad_w_ih = at::mm(dG_low2.t(), input.reshape({T * B, I}));
+    grad_w_ih = at::mm(dG_low2.t(), x_in);
   }
   if constexpr (std::is_same_v<acc_t, float>) {
     if (blocked) {
