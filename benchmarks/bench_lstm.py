@@ -653,6 +653,30 @@ def plot(path, env, rows, geo):
 # ---------------------------------------------------------------------------------------------------
 
 
+def parse_shape(text):
+    """A Shape from --shape's T,B,I,H[,layers=N][,proj=P][,bidir][,varlen][,decode], named after
+    its fields; bfloat16 runs on it under --dtype all, as on the grid's marked shapes."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        T, B, I, H = (int(v) for v in parts[:4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T,B,I,H (four integers) first, got {text!r}") from None
+    kw = dict(low_precision_on_cpu=True)
+    flags = {"bidir": "bidirectional", "varlen": "variable_length", "decode": "decode"}
+    for opt in parts[4:]:
+        key, _, value = opt.partition("=")
+        if key in flags and not value:
+            kw[flags[key]] = True
+        elif key in ("layers", "proj") and value.isdigit():
+            kw["layers" if key == "layers" else "P"] = int(value)
+        else:
+            raise argparse.ArgumentTypeError(f"unknown shape option {opt!r} (layers=N, proj=P, bidir, varlen, decode)")
+    if min(T, B, I, H) < 1 or kw.get("layers", 1) < 1:
+        raise argparse.ArgumentTypeError(f"T, B, I, H and layers must be positive, got {text!r}")
+    name = "-".join([f"T{T}-B{B}-I{I}-H{H}"] + parts[4:])
+    return Shape(name, T, B, I, H, **kw)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
@@ -667,6 +691,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["inference", "training", "both"], default="both")
     p.add_argument("--quick", action="store_true", help="a few small shapes (a smoke run)")
     p.add_argument("--filter", help="only shapes whose name contains this substring")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="T,B,I,H[,OPTION...]",
+                   help="run this shape instead of the grid (repeatable); options: layers=N, proj=P, "
+                        "bidir, varlen, decode. Example: --shape 100,64,200,200 --shape 100,16,650,650,varlen")
     p.add_argument("--reps", type=int, help="timed blocks per implementation (default: fit --budget)")
     p.add_argument("--budget", type=float, help="seconds of timing per shape and mode (default 8 CPU, 2 CUDA)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for both (CPU)")
@@ -723,6 +750,8 @@ def main(argv=None):
     tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
 
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    if args.shape:
+        grid = args.shape
     if args.filter:
         grid = [s for s in grid if args.filter in s.name]
     items = plan(grid, args.dtype, device)

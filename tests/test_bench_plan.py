@@ -44,3 +44,16 @@ def test_float64_rule_is_tight(bench):
     off = {"output": base["output"] + 1e-6}
     ok, _, detail = bench.check(off, base, lambda: base, torch.float64, cpu, False)
     assert not ok and "output" in detail
+
+
+def test_shape_option(bench):
+    # --shape replaces the grid with the shapes given (off-grid sizes, such as H not a multiple of 64).
+    args = bench.parse_args(["--shape", "100,64,200,200", "--shape", "50,16,650,650,varlen,layers=2,proj=32,bidir"])
+    a, b = args.shape
+    assert (a.T, a.B, a.I, a.H, a.layers, a.P, a.bidirectional, a.variable_length) == (100, 64, 200, 200, 1, 0, False, False)
+    assert (b.T, b.B, b.I, b.H, b.layers, b.P, b.bidirectional, b.variable_length) == (50, 16, 650, 650, 2, 32, True, True)
+    assert a.name != b.name
+    assert dtypes(bench.plan(args.shape, ["all"], torch.device("cpu"))) == {"float32", "bfloat16"}
+    for bad in ("1,2,3", "1,2,3,x", "1,2,3,4,foo", "0,2,3,4", "1,2,3,4,layers=0"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--shape", bad])
