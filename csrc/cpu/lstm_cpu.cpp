@@ -303,8 +303,10 @@ void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tenso
 
 // The step's hidden units in `count` blocks of whole 16-unit groups, as even as the groups allow:
 // block k holds groups [k * groups / count, (k + 1) * groups / count). The count is the even number
-// nearest groups / per (per: the groups a block should hold; on a tie the smaller count if its
-// blocks stay within 3 groups), one block if groups <= per. An even count gives the two halves of
+// nearest groups / per (per: the groups a block should hold; on a tie the smaller count if it is 4
+// or more and its blocks stay within 3 groups), one block if groups <= per. (H = 81-96 in the
+// AVX-512 build: 4 blocks of 1-2 groups, not 2 of 3: 1.12 against 0.97-0.99x torch at B = 64, NOTES.md
+// entry 54.) An even count gives the two halves of
 // the blocks that two threads take the same number of groups, give or take one, whatever H is
 // (with equal-width blocks H = 96 had split 64/32 units, H = 160 96/64). Fixed by H and the build
 // alone, never by the thread count: every block computes the same sums in the same order whichever
@@ -326,7 +328,7 @@ inline UnitBlocks unit_blocks(int64_t H, int64_t units) {
   if (groups > per) {
     const int64_t lo = 2 * (groups / (2 * per)), hi = lo + 2;  // the even counts around groups / per
     const bool tie = 2 * groups == per * (lo + hi);
-    count = lo >= 2 && (2 * groups < per * (lo + hi) || (tie && (groups + lo - 1) / lo <= 3)) ? lo : hi;
+    count = lo >= 2 && (2 * groups < per * (lo + hi) || (tie && lo >= 4 && (groups + lo - 1) / lo <= 3)) ? lo : hi;
   }
   return {H, groups, count, 16 * ((groups + count - 1) / count)};
 }
