@@ -622,9 +622,13 @@ inline void rows_to_panel(int64_t n, int64_t width, int64_t K, const T* src, int
 template <typename RowOf>
 void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
                          int64_t ldb, float* G, int64_t ldg) {
-  constexpr int64_t mt = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task, at most
+  constexpr int64_t kMaxRows = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task, at most
   if (M == 0 || N == 0) return;
-  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt - 1) / nt;
+  // Rows in tiles of at most kMaxRows, as even as whole 16-row groups allow: with full tiles and a
+  // short last one (M = 650: five of 128 and one of 10) the thread without the short tile did a
+  // third more work (NOTES.md entry 55). A row's sums do not depend on its tile.
+  const int64_t m_tiles = (M + kMaxRows - 1) / kMaxRows, n_tiles = (N + nt - 1) / nt;
+  const int64_t mt = std::min(kMaxRows, ((M + m_tiles - 1) / m_tiles + 15) / 16 * 16);
   const int64_t threads = at::get_num_threads();
   // A group's tiles share one transposed strip of A, so larger groups transpose less; but a small M
   // (one or two strips: H = 128) needs its column tiles split into a task per thread, or one thread
@@ -636,7 +640,7 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
   at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float>& buf = bufs[at::get_thread_num() % threads];
     buf.resize(mt * std::max<int64_t>(K, 1));
-    float tile[mt * nt];
+    float tile[128 * 64];  // kMaxRows x nt
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task / n_groups) * mt, m = std::min(mt, M - m0);
       const int64_t g = task % n_groups;
@@ -644,7 +648,7 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
       // buf[i, k] = A[k, m0 + i]: 16 rows of A at a time, transposed in registers.
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t kk = std::min<int64_t>(16, K - k0);
-        float rows[16 * mt];
+        float rows[16 * 128];  // 16 x kMaxRows
         for (int64_t r = 0; r < kk; ++r) {
           const float* a = row_of(k0 + r) + m0;
           std::copy(a, a + m, rows + r * mt);
