@@ -137,6 +137,21 @@ def test_batch_size_zero():
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batch_size_zero_with_lengths(dtype):
+    # An empty batch with (empty) lengths: no rows, nothing to skip (this crashed with a division by
+    # zero before).
+    fast = make_pair(4, 6, num_layers=2, bidirectional=True)[0].to(dtype)
+    for training in (False, True):
+        x = torch.randn(3, 0, 4, dtype=dtype, requires_grad=training)
+        with torch.set_grad_enabled(training):
+            out, (h, c) = fast(x, lengths=torch.zeros(0, dtype=torch.long))
+        assert out.shape == (3, 0, 12) and h.shape == c.shape == (4, 0, 6)
+        if training:
+            out.sum().backward()
+            assert x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_within_torch_error(dtype):
     """Our error against a float64 reference is at most a small multiple of PyTorch's own error in

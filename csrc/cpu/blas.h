@@ -240,7 +240,8 @@ inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat
                                const at::Tensor& panels, int64_t nt, float* C, int64_t ldc,
                                int64_t stride = 0, const int64_t* rows = nullptr) {
   const std::vector<std::pair<int64_t, int64_t>> mtiles =
-      rows != nullptr ? segment_tiles(M / stride, stride, rows, 256) : segment_tiles(1, M, nullptr, 256);
+      rows != nullptr && stride > 0 ? segment_tiles(M / stride, stride, rows, 256)
+                                    : segment_tiles(1, M, nullptr, 256);
   const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -693,7 +694,8 @@ void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
                    int64_t nt, T* C, int64_t ldc, int64_t stride = 0, const int64_t* rows = nullptr) {
   // A tile of A stays in L2.
   const std::vector<std::pair<int64_t, int64_t>> mtiles =
-      rows != nullptr ? segment_tiles(M / stride, stride, rows, 256) : segment_tiles(1, M, nullptr, 256);
+      rows != nullptr && stride > 0 ? segment_tiles(M / stride, stride, rows, 256)
+                                    : segment_tiles(1, M, nullptr, 256);
   const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.

@@ -205,7 +205,7 @@ Activity make_activity(const at::Tensor& lengths_cpu, int64_t B) {
   a.B = B;
   if (!lengths_cpu.defined()) return a;
   a.len = lengths_cpu.data_ptr<int64_t>();
-  a.sorted = true;
+  a.sorted = B > 0;  // (an empty batch has no rows to skip)
   for (int64_t b = 1; b < B; ++b) a.sorted &= a.len[b] <= a.len[b - 1];
   return a;
 }
@@ -249,7 +249,7 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
       return;
     }
   }
-  if (rows == nullptr) {
+  if (rows == nullptr || B == 0) {
     at::mm_out(c, a, w.t());
     return;
   }
