@@ -217,15 +217,16 @@ inline std::pair<int64_t, int64_t> row_tiles(int64_t M, int64_t max_rows) {
   return {tiles, tiles > 0 ? (M + tiles - 1) / tiles : max_rows};
 }
 
-// The rows of a product that come in `segments` blocks of `stride` rows, of which only the first
-// rows[s] of block s take part (rows null: all `stride`): the row tiles of each block
-// (row_tiles(rows[s], max_rows)) as {first row, rows}. A block's rows in its own tiles give each
-// row the sums it gets in one tile list over all rows: a row's sum does not depend on its tile.
-inline std::vector<std::pair<int64_t, int64_t>> segment_tiles(int64_t segments, int64_t stride,
-                                                              const int64_t* rows, int64_t max_rows) {
+// The row tiles of a product of M rows as {first row, rows}: row_tiles(M, max_rows), or with `rows`
+// (the M rows come in M / stride blocks of stride > 0 rows, of which only the first rows[s] of block
+// s take part) the row tiles of each block's rows. A block's rows in its own tiles give each row the
+// sums it gets in one tile list over all rows: a row's sum does not depend on its tile.
+inline std::vector<std::pair<int64_t, int64_t>> segment_tiles(int64_t M, int64_t stride, const int64_t* rows,
+                                                              int64_t max_rows) {
+  const int64_t segments = rows != nullptr ? M / stride : 1;
   std::vector<std::pair<int64_t, int64_t>> out;
   for (int64_t s = 0; s < segments; ++s) {
-    const int64_t m = rows != nullptr ? rows[s] : stride;
+    const int64_t m = rows != nullptr ? rows[s] : M;
     const std::pair<int64_t, int64_t> t = row_tiles(m, max_rows);
     for (int64_t i = 0; i < t.first; ++i) out.emplace_back(s * stride + i * t.second, std::min(t.second, m - i * t.second));
   }
@@ -234,14 +235,12 @@ inline std::vector<std::pair<int64_t, int64_t>> segment_tiles(int64_t segments, 
 
 // C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
 // (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
-// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows (M = segments *
-// stride): the other rows of C are left as they were.
+// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows: the other rows
+// of C are left as they were.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                                const at::Tensor& panels, int64_t nt, float* C, int64_t ldc,
                                int64_t stride = 0, const int64_t* rows = nullptr) {
-  const std::vector<std::pair<int64_t, int64_t>> mtiles =
-      rows != nullptr && stride > 0 ? segment_tiles(M / stride, stride, rows, 256)
-                                    : segment_tiles(1, M, nullptr, 256);
+  const std::vector<std::pair<int64_t, int64_t>> mtiles = segment_tiles(M, stride, rows, 256);
   const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
   at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -628,8 +627,9 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
   // Rows in tiles of at most kMaxRows, as even as whole 16-row groups allow: with full tiles and a
   // short last one (M = 650: five of 128 and one of 10) the thread without the short tile did a
   // third more work (NOTES.md entry 55). A row's sums do not depend on its tile.
-  const int64_t m_tiles = (M + kMaxRows - 1) / kMaxRows, n_tiles = (N + nt - 1) / nt;
-  const int64_t mt = std::min(kMaxRows, ((M + m_tiles - 1) / m_tiles + 15) / 16 * 16);
+  const std::pair<int64_t, int64_t> even = row_tiles(M, kMaxRows);
+  const int64_t m_tiles = even.first, mt = std::min(kMaxRows, (even.second + 15) / 16 * 16);
+  const int64_t n_tiles = (N + nt - 1) / nt;
   const int64_t threads = at::get_num_threads();
   // A group's tiles share one transposed strip of A, so larger groups transpose less; but a small M
   // (one or two strips: H = 128) needs its column tiles split into a task per thread, or one thread
@@ -687,15 +687,13 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
 }
 
 // C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt); in parallel over tiles.
-// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows (M = segments *
-// stride): the other rows of C are left as they were.
+// With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows: the other rows
+// of C are left as they were.
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
                    int64_t nt, T* C, int64_t ldc, int64_t stride = 0, const int64_t* rows = nullptr) {
   // A tile of A stays in L2.
-  const std::vector<std::pair<int64_t, int64_t>> mtiles =
-      rows != nullptr && stride > 0 ? segment_tiles(M / stride, stride, rows, 256)
-                                    : segment_tiles(1, M, nullptr, 256);
+  const std::vector<std::pair<int64_t, int64_t>> mtiles = segment_tiles(M, stride, rows, 256);
   const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
   const T* P = panels.data_ptr<T>();
   // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.

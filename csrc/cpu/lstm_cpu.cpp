@@ -205,7 +205,7 @@ Activity make_activity(const at::Tensor& lengths_cpu, int64_t B) {
   a.B = B;
   if (!lengths_cpu.defined()) return a;
   a.len = lengths_cpu.data_ptr<int64_t>();
-  a.sorted = B > 0;  // (an empty batch has no rows to skip)
+  a.sorted = B > 0;  // an empty batch has no rows to skip (and `rows` users divide by B)
   for (int64_t b = 1; b < B; ++b) a.sorted &= a.len[b] <= a.len[b - 1];
   return a;
 }
@@ -249,7 +249,7 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
       return;
     }
   }
-  if (rows == nullptr || B == 0) {
+  if (rows == nullptr) {
     at::mm_out(c, a, w.t());
     return;
   }
@@ -277,11 +277,11 @@ void project_input(const at::Tensor& a, const at::Tensor& w, at::Tensor& panels,
 
 // block_proj (forward_impl): rows [r0, r0 + M) of the input projection for block k's gate columns:
 // gate q of units [j0, j0 + n) into dst[m, q * H + j0 ...] (row stride 4H), from w_ih's per-block
-// panels [blocks, I, 4nb] (gate q at column q * w, w the block's width; VNNI pairs for native
+// panels [blocks, I, 4nb] (gate q at column q * n; VNNI pairs for native
 // bfloat16, x then bfloat16). Tiles of at most 256 rows, fixed by M.
 template <typename acc_t>
 void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tensor& x, int64_t r0,
-                   const at::Tensor& panels, int64_t k, int64_t nb, int64_t w, acc_t* dst, int64_t H,
+                   const at::Tensor& panels, int64_t k, int64_t nb, acc_t* dst, int64_t H,
                    int64_t j0) {
   const std::pair<int64_t, int64_t> tiles = cpu::row_tiles(M, 256);
   for (int64_t tile = 0; tile < tiles.first; ++tile) {
@@ -290,12 +290,12 @@ void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tenso
       acc_t* c = dst + m0 * 4 * H + q * H + j0;
       if (native) {
         const auto* a = reinterpret_cast<const at::BFloat16*>(x.data_ptr()) + (r0 + m0) * I;
-        const auto* b = reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) + k * I * 4 * nb + q * w * 2;
+        const auto* b = reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) + k * I * 4 * nb + q * n * 2;
         at::native::cpublas::brgemm(mt, n, I, I, 4 * nb, 4 * H, false, a, b, reinterpret_cast<float*>(c),
                                     true);
       } else {
         cpu::gemm_serial<acc_t>(mt, n, I, x.data_ptr<acc_t>() + (r0 + m0) * I, I,
-                                panels.data_ptr<acc_t>() + k * I * 4 * nb + q * w, 4 * nb, c, 4 * H);
+                                panels.data_ptr<acc_t>() + k * I * 4 * nb + q * n, 4 * nb, c, 4 * H);
       }
     }
   }
@@ -314,11 +314,10 @@ void project_block(bool native, int64_t M, int64_t n, int64_t I, const at::Tenso
 struct UnitBlocks {
   int64_t H, groups, count, nb;  // nb: the widest block's units (the panels' stride is 4 * nb)
   int64_t j0(int64_t k) const { return 16 * (k * groups / count); }
-  int64_t n(int64_t k) const { return std::min(H, j0(k + 1)) - j0(k); }  // units below H
-  // The block's columns per gate in its panels and products: its units below H, so a last group
+  // Units below H: also the block's columns per gate in its panels and products, so a last group
   // that H ends inside is not multiplied past H (H = 200: 4% of the columns; results bitwise the
-  // same as with the padded width, about 1-2% faster, NOTES.md entry 53).
-  int64_t width(int64_t k) const { return n(k); }
+  // same as with padded groups, about 1-2% faster, NOTES.md entry 53).
+  int64_t n(int64_t k) const { return std::min(H, j0(k + 1)) - j0(k); }
 };
 
 inline UnitBlocks unit_blocks(int64_t H, int64_t units) {
@@ -333,9 +332,9 @@ inline UnitBlocks unit_blocks(int64_t H, int64_t units) {
   return {H, groups, count, 16 * ((groups + count - 1) / count)};
 }
 
-// w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * w + jj (w = its width)
-// is gate q of hidden unit j0 + jj, so one matmul over its first 4w columns gives a block all it
-// needs for its update (columns past 4w are never read). Each gate's rows of a block are transposed into their columns
+// w_hh [4H, P] as per-block panels [blocks, P, 4 * nb]: block k's column q * n + jj (n = its units)
+// is gate q of hidden unit j0 + jj, so one matmul over its first 4n columns gives a block all it
+// needs for its update (columns past 4n are never read). Each gate's rows of a block are transposed into their columns
 // in register tiles (rows_to_panel).
 template <typename acc_t>
 at::Tensor pack_gate_panels(const at::Tensor& w_hh, const UnitBlocks& ub) {
@@ -345,10 +344,10 @@ at::Tensor pack_gate_panels(const at::Tensor& w_hh, const UnitBlocks& ub) {
   acc_t* out = panels.data_ptr<acc_t>();
   at::parallel_for(0, ub.count, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j0 = ub.j0(k), n = ub.n(k), wk = ub.width(k);
+      const int64_t j0 = ub.j0(k), n = ub.n(k);
       acc_t* dst = out + k * P * 4 * nb;
       for (int64_t q = 0; q < 4; ++q) {
-        cpu::rows_to_panel(n, wk, P, w + (q * H + j0) * P, P, dst + q * wk, 4 * nb);
+        cpu::rows_to_panel(n, n, P, w + (q * H + j0) * P, P, dst + q * n, 4 * nb);
       }
     }
   });
@@ -361,8 +360,8 @@ inline at::Tensor pack_gate_panels_vnni(const at::Tensor& w_rows, const UnitBloc
   const int64_t K = w_rows.size(1), H = ub.H;
   const auto* w = reinterpret_cast<const at::BFloat16*>(w_rows.data_ptr());
   return cpu::pack_vnni_panels(ub.count, K, 4 * ub.nb, [&](int64_t k, int64_t col) {
-    const int64_t wk = ub.width(k), q = col / wk, jj = col % wk;
-    return q < 4 && jj < ub.n(k) ? w + (q * H + ub.j0(k) + jj) * K : nullptr;
+    const int64_t n = ub.n(k), q = col / n, jj = col % n;
+    return q < 4 ? w + (q * H + ub.j0(k) + jj) * K : nullptr;
   });
 }
 
@@ -489,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Blocks of hidden units (UnitBlocks), each one matmul and one fused update on one thread.
   //   batch <= 2: dot products with w_hh's rows (nothing packed);
-  //   `direct`: rec^T[4w, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
+  //   `direct`: rec^T[4n, B] = w_hh[block rows, P] @ h^T[P, B], w_hh read in place and h kept
   //     transposed (a [P, B] copy per step, cheap): no packing, for calls with few steps (decoding)
   //     and where brgemm is unavailable (BLAS packs internally anyway);
   //   otherwise brgemm on per-block panels of w_hh packed once per call ([blocks, P, 4nb]), which
@@ -617,14 +616,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* hb_next = native ? hb_buf.data_ptr<scalar_t>() + ((step + 1) % 2) * B * P : nullptr;
     acc_t* rec = scratch.data_ptr<acc_t>() + at::get_thread_num() * (direct ? 2 : 1) * B * 4 * nb;
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t j0 = ub.j0(k), n = ub.n(k), w = ub.width(k);  // rec: [B, 4w], gate q at q * w
+      const int64_t j0 = ub.j0(k), n = ub.n(k);  // rec: [B, 4n], gate q at q * n
       if (p_n > 0 && act.sorted) {  // each step's running rows only (see project_input)
         for (int64_t i = 0; i < p_n; ++i) {
           project_block<acc_t>(native, act.rows(t_lo + i), n, I, x_a, (t_lo + i) * B, w_ih_panels, k, nb,
-                               w, gates_a.data_ptr<acc_t>() + i * B * 4 * H, H, j0);
+                               gates_a.data_ptr<acc_t>() + i * B * 4 * H, H, j0);
         }
       } else if (p_n > 0) {
-        project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb, w,
+        project_block<acc_t>(native, p_n * B, n, I, x_a, t_lo * B, w_ih_panels, k, nb,
                              gates_a.data_ptr<acc_t>(), H, j0);
       }
       if (dot_rows) {
@@ -634,41 +633,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             if (native) {
               cpu::dot_rows_bf16(rows, n, P, reinterpret_cast<const at::BFloat16*>(hb_cur), P,
                                  reinterpret_cast<const at::BFloat16*>(w_hh_low) + (q * H + j0) * P,
-                                 P, reinterpret_cast<float*>(rec) + q * w, 4 * w);
+                                 P, reinterpret_cast<float*>(rec) + q * n, 4 * n);
               continue;
             }
           }
 #endif
           if (keep_w_hh) {
             cpu::gemm_nt_small<acc_t, scalar_t>(rows, n, P, h_cur, P, w_hh_low + (q * H + j0) * P, P,
-                                                rec + q * w, 4 * w);
+                                                rec + q * n, 4 * n);
           } else {
             cpu::gemm_nt_small<acc_t, acc_t>(rows, n, P, h_cur, P, w_hh_p + (q * H + j0) * P, P,
-                                             rec + q * w, 4 * w);
+                                             rec + q * n, 4 * n);
           }
         }
       } else if (direct) {
-        acc_t* recT = rec + B * 4 * nb;  // [4w, B]: row q * w + jj is gate q of unit j0 + jj
+        acc_t* recT = rec + B * 4 * nb;  // [4n, B]: row q * n + jj is gate q of unit j0 + jj
         for (int q = 0; q < 4 && rows > 0; ++q) {
           if constexpr (std::is_same_v<acc_t, double>) {  // no brgemm: not MKL on small products
-            cpu::gemm_tiles<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B, recT + q * w * B, B);
+            cpu::gemm_tiles<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B, recT + q * n * B, B);
           } else {
             cpu::gemm_serial<acc_t>(n, rows, P, w_hh_p + (q * H + j0) * P, P, hT_cur, B,
-                                    recT + q * w * B, B);
+                                    recT + q * n * B, B);
           }
         }
-        cpu::transpose_tile(4 * w, rows, recT, B, rec, 4 * w);
+        cpu::transpose_tile(4 * n, rows, recT, B, rec, 4 * n);
       } else if (native) {
         if (rows > 0) {
-          at::native::cpublas::brgemm(rows, 4 * w, P, P, 4 * nb, 4 * w, false,
+          at::native::cpublas::brgemm(rows, 4 * n, P, P, 4 * nb, 4 * n, false,
                                       reinterpret_cast<const at::BFloat16*>(hb_cur),
                                       reinterpret_cast<const at::BFloat16*>(panels.data_ptr()) +
                                           k * P * 4 * nb,
                                       reinterpret_cast<float*>(rec), true);
         }
       } else {
-        cpu::gemm_serial<acc_t>(rows, 4 * w, P, h_cur, P,
-                                panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * w);
+        cpu::gemm_serial<acc_t>(rows, 4 * n, P, h_cur, P,
+                                panels.data_ptr<acc_t>() + k * P * 4 * nb, 4 * nb, rec, 4 * n);
       }
       for (int64_t b = 0; b < B; ++b) {
         acc_t* g = g_t + b * 4 * H + j0;
@@ -698,14 +697,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           continue;
         }
         if (low_gates) {
-          cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
+          cell_forward<acc_t, scalar_t>(n, g, H, rec + b * 4 * n, n, bias_p ? bias_p + j0 : nullptr,
                                         cp + b * H + j0, cell_t + b * H + j0, m, gl);
         } else {
           if (training) {
-            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
+            cell_forward<acc_t, acc_t>(n, g, H, rec + b * 4 * n, n, bias_p ? bias_p + j0 : nullptr,
                                        cp + b * H + j0, cell_t + b * H + j0, m, g);
           } else {
-            cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * w, w, bias_p ? bias_p + j0 : nullptr,
+            cell_forward<acc_t, acc_t, false>(n, g, H, rec + b * 4 * n, n, bias_p ? bias_p + j0 : nullptr,
                                               cp + b * H + j0, nullptr, m, nullptr);
           }
         }
