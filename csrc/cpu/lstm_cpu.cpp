@@ -388,16 +388,19 @@ inline bool use_direct_recurrence(int64_t T, int64_t B, bool float64) {
   return T <= 4 || (float64 && B <= 32);
 }
 
-// Whether an inference call projects its input block by block inside the step loop (block_proj in
-// forward_impl): where the recurrence runs on packed panels in at least two tasks a step and w_ih and
-// w_hh together take at most 8 MB. Above that, projecting every few steps made the steps' weights
-// and w_ih evict each other from L3 (H=1024, B=16: 0.80x; NOTES.md entry 42). Training keeps the
-// projection of all steps up front (no gain measured). FASTLSTM_CPU_PROJ=block|whole overrides the
-// choice among the calls that can take either (for comparisons); the results are bitwise the same.
-inline bool use_block_projection(bool training, bool unpacked, int64_t blocks, int64_t grain,
+// Whether a call projects its input block by block inside the step loop (block_proj in forward_impl):
+// where the recurrence runs on packed panels in at least two tasks a step and w_ih and w_hh together
+// take at most 8 MB. Above that, projecting every few steps made the steps' weights and w_ih evict
+// each other from L3 (H=1024, B=16: 0.80x; NOTES.md entry 42). float32/float64 training keeps the
+// projection of all steps up front (`all_steps`: its buffer becomes the saved gates); float16/bfloat16
+// training, whose saved gates are a separate tensor, projects block by block like inference
+// (bfloat16 at B=64, H=96-400: its forward 1-7% faster, NOTES.md entry 58). FASTLSTM_CPU_PROJ=
+// block|whole overrides the choice among the calls that can take either (for comparisons); the
+// results are bitwise the same.
+inline bool use_block_projection(bool all_steps, bool unpacked, int64_t blocks, int64_t grain,
                                  int64_t weight_bytes) {
   static const int forced = env_choice("FASTLSTM_CPU_PROJ", "block", "whole");
-  if (training || unpacked || blocks < 2 * grain) return false;
+  if (all_steps || unpacked || blocks < 2 * grain) return false;
   if (forced != 0) return forced == 1;
   return weight_bytes <= (int64_t(8) << 20);
 }
@@ -511,10 +514,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Blocks per task of the step loop's parallel_for (a task is at least about 128K multiply-adds).
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, B * 4 * nb * P));
 
-  // The input part of the pre-activations (x @ w_ih^T), into gates_a. Training keeps every step's
-  // (the buffer becomes the saved gates); inference keeps a few steps at a time in one reused
-  // buffer. float16/bfloat16 training also projects in chunks: its saved gates are a separate
-  // low-precision tensor that the gate math writes directly.
+  // The input part of the pre-activations (x @ w_ih^T), into gates_a. float32/float64 training
+  // keeps every step's (the buffer becomes the saved gates); inference keeps a few steps at a time
+  // in one reused buffer, and so does float16/bfloat16 training, whose saved gates are a separate
+  // low-precision tensor that the gate math writes directly (block_proj too where eligible).
   //   block_proj (brgemm, panels, at least two tasks a step): every `pchunk` steps each block projects
   //     its own gate columns inside the step loop, on the thread that then reads them, so they are
   //     still in that core's L2 (about 1 MB of pre-activations a chunk for all blocks). A projection
@@ -523,7 +526,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   //   otherwise one GEMM over `chunk` steps at a time (about 16 MB), split among the threads.
   // Either way the split is fixed by the shape, never by the thread count.
   const int64_t weight_bytes = (I + P) * 4 * H * (native ? 2 : static_cast<int64_t>(sizeof(acc_t)));
-  const bool block_proj = use_block_projection(training, dot_rows || direct, blocks, grain, weight_bytes) &&
+  const bool block_proj = use_block_projection(training && !kLowPrecision, dot_rows || direct, blocks, grain,
+                                               weight_bytes) &&
                           (native || (std::is_same_v<acc_t, float> && cpu::brgemm_usable()));
   const int64_t pchunk =
       block_proj ? std::clamp<int64_t>(std::max<int64_t>((int64_t(1) << 18) / std::max<int64_t>(1, B * 4 * H),
@@ -879,6 +883,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   at::Tensor dh = grad_h_n.to(acc).contiguous().clone();  // [B, P]
   at::Tensor dc = grad_c_n.to(acc).contiguous().clone();  // [B, H]
   at::Tensor dh_prev = at::empty({B, P}, acc);
+  at::Tensor db_rows = at::zeros({B, 4 * H}, acc);  // per batch row: the sum of its dG over the steps
+  acc_t* db_all = db_rows.data_ptr<acc_t>();
+  using Vec = Vectorized<acc_t>;
 
   const Activity act = make_activity(lengths, B);
   const scalar_t* g_all = gates_c.data_ptr<scalar_t>();
@@ -895,15 +902,23 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     const bool first = step == 0;
     const int64_t rows = act.rows(t);
     acc_t* dH_t = dH.data_ptr<acc_t>() + (has_proj ? t * B * P : 0);
-
-    for (int64_t b = 0; b < B; ++b) {
-      const bool on = act.active(b, t);
-      for (int64_t j = 0; j < P; ++j) {
-        dH_t[b * P + j] = on ? dhp[b * P + j] + static_cast<acc_t>(go_all[(t * B + b) * P + j]) : acc_t(0);
+    // Row b of dH_t: the gradient of h_t, the carried dh plus the output's gradient (0 past a length).
+    const auto grad_h_row = [&](int64_t b) {
+      acc_t* dst = dH_t + b * P;
+      if (!act.active(b, t)) {
+        std::fill(dst, dst + P, acc_t(0));
+        return;
       }
-    }
+      const scalar_t* go = go_all + (t * B + b) * P;
+      const acc_t* src = dhp + b * P;
+      for (int64_t j = 0; j < P; j += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), P - j);
+        (Vec::loadu(src + j, n) + load_widened<acc_t>(go + j, n)).store(dst + j, n);
+      }
+    };
     const acc_t* dm_t = dH_t;
-    if (has_proj) {
+    if (has_proj) {  // the projection's product reads every row of dH_t
+      for (int64_t b = 0; b < B; ++b) grad_h_row(b);
       if (proj_blocks) {  // as in the forward: column blocks fixed by the shape
         cpu::matmul_cols<acc_t>(rows, H, P, dH_t, P, w_hr_a.data_ptr<acc_t>(), H,
                                 dm_step.data_ptr<acc_t>(), H);
@@ -919,13 +934,21 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* dg = dG_t + b * ldg;
         if (!act.active(b, t)) {
+          if (!has_proj) grad_h_row(b);
           std::fill(dg, dg + 4 * H, acc_t(0));
         } else {
+          if (!has_proj) grad_h_row(b);  // dm_t = dH_t: each row's own, on the row's thread
           // The previous cell state: the carried state of the previously processed step, or c0.
           const acc_t* c_prev = first ? c0_a.data_ptr<acc_t>() + b * H
                                       : cell_all + (t_prev * B + b) * H;
           cell_backward_row<acc_t, scalar_t>(H, dm_t + b * H, dcp + b * H, g_all + (t * B + b) * 4 * H,
                                    cell_all + (t * B + b) * H, c_prev, dg);
+          // The bias gradient, summed per row over the steps (fixed order: independent of threads).
+          acc_t* db = db_all + b * 4 * H;
+          for (int64_t j = 0; j < 4 * H; j += Vec::size()) {
+            const int64_t n = std::min<int64_t>(Vec::size(), 4 * H - j);
+            (Vec::loadu(db + j, n) + Vec::loadu(dg + j, n)).store(db + j, n);
+          }
         }
         if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
           if (native) at::vec::convert(dg, dG_low.data_ptr<scalar_t>() + (t * B + b) * 4 * H, 4 * H);
@@ -942,10 +965,13 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     } else {
       cpu::matmul_cols<acc_t>(rows, P, 4 * H, dG_t, ldg, w_hh_a.data_ptr<acc_t>(), P, dhq, P);
     }
-    for (int64_t b = 0; b < rows; ++b) {
-      if (!act.active(b, t)) continue;
-      std::copy(dhq + b * P, dhq + (b + 1) * P, dhp + b * P);
+    // dhq becomes the carried dh; a row not running at t (its product skipped, or computed from
+    // dG = 0 where the rows are not sorted) carries its dh through.
+    for (int64_t b = 0; b < B; ++b) {
+      if (b < rows && act.active(b, t)) continue;
+      std::copy(dhp + b * P, dhp + (b + 1) * P, dhq + b * P);
     }
+    std::swap(dhp, dhq);
   }
 
   const at::Tensor dG2 = dG.view({T * B, 4 * H});
@@ -955,11 +981,11 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
       ? input.reshape({T * B, I}).masked_fill(
             (at::arange(T, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0)).view({T * B, 1}), 0)
       : input.reshape({T * B, I});
-  const at::Tensor x2 = x_in.to(acc);
   at::Tensor grad_input, grad_w_ih, grad_w_hh;
   // Native bfloat16 (see above): at::mm in bfloat16 is oneDNN's matmul, float32 accumulation
   // inside, a bfloat16 result (the gradients' dtype).
   const bool native_mm = native && T * B >= kBrgemmMinRows;
+  const at::Tensor x2 = native_mm ? at::Tensor() : x_in.to(acc);  // native_mm reads x_in as it is
   // float32 on brgemm also below kBrgemmMinRows rows: MKL splits a product over a long K (4H) among
   // threads, so at::mm's grad_input changed in the last bit with the thread count; brgemm tiles
   // are fixed by the shape.
@@ -989,12 +1015,17 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     grad_input = at::mm(dG2, w_ih.to(acc)).view({T, B, I});
     grad_w_ih = at::mm(dG2.t(), x2);
   }
-  at::Tensor grad_bias = dG2.sum(0);
+  at::Tensor grad_bias = at::zeros({4 * H}, acc);  // the rows' sums added in row order
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t* gb = grad_bias.data_ptr<acc_t>();
+    const acc_t* db = db_all + b * 4 * H;
+    for (int64_t j = 0; j < 4 * H; ++j) gb[j] += db[j];
+  }
 
   // grad_w_hh = sum_t dG_t^T h_prev_t. For a step t after another active step h_prev is that step's
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
-  const at::Tensor out_a = native_mm ? output : output.to(acc);
+  const at::Tensor out_a = native_mm ? at::Tensor() : output.to(acc);
   if (blocked) {
     // One product over all T*B rows: the row paired with dG's row of step t is the h that step read,
     // the output of the step processed before it, or h0 at each sequence's first processed step
@@ -1012,17 +1043,31 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     };
     cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), ldg,
                              reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
+  } else if (native_mm) {
+    // One bfloat16 product over all T*B rows, dG^T @ h_prev, h_prev's row of step t being the h that
+    // step read (as in the blocked path above): the output of the step processed before it, or h0 at
+    // each sequence's first processed step (rows past a length have dG = 0 and output 0).
+    const at::Tensor h0_l = h0.to(dtype).contiguous();
+    at::Tensor h_prev;
+    if (T == 1) {
+      h_prev = h0_l;
+    } else if (!reverse) {
+      h_prev = at::cat({h0_l.unsqueeze(0), output.narrow(0, 0, T - 1)});
+    } else {
+      h_prev = at::cat({output.narrow(0, 1, T - 1), h0_l.unsqueeze(0)});
+      if (lengths.defined()) {  // in reverse a sequence starts at step len - 1
+        const at::Tensor starts = at::arange(T, lengths.options()).unsqueeze(1) + 1 == lengths.unsqueeze(0);
+        h_prev = at::where(starts.unsqueeze(2), h0_l.unsqueeze(0), h_prev);
+      }
+    }
+    grad_w_hh = at::mm(dG_low2.t(), h_prev.reshape({T * B, P}));
   } else {
     at::Tensor gw_hh_t = cpu::cached_zeros({P, 4 * H}, acc);  // grad_w_hh^T
     if (T > 1) {
       const int64_t first_row = reverse ? 0 : B;  // dG rows of the steps that follow another
       const at::Tensor h_shift = (reverse ? out_a.narrow(0, 1, T - 1) : out_a.narrow(0, 0, T - 1))
                                      .reshape({(T - 1) * B, P});
-      if (native_mm) {
-        gw_hh_t.add_(at::mm(h_shift.t(), dG_low2.narrow(0, first_row, (T - 1) * B)));
-      } else {
-        gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
-      }
+      gw_hh_t.addmm_(h_shift.t(), dG2.narrow(0, first_row, (T - 1) * B));
     }
     if (T > 0) {
       at::Tensor dG_first;  // [B, 4H]: each sequence's gradient at its first processed step
@@ -1051,7 +1096,9 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     grad_w_hr = has_proj ? at::mm(dH.view({T * B, P}).t(), hidden.to(acc).reshape({T * B, H}))
                          : at::empty({0}, input.options());
   }
-  return {grad_input.to(dtype), dh.to(dtype), dc.to(dtype), grad_w_ih.to(dtype),
+  // The carried dh is in whichever of dh and dh_prev dhp points to after the last swap.
+  const at::Tensor dh_out = dhp == dh.data_ptr<acc_t>() ? dh : dh_prev;
+  return {grad_input.to(dtype), dh_out.to(dtype), dc.to(dtype), grad_w_ih.to(dtype),
           grad_w_hh.to(dtype), grad_bias.to(dtype), grad_w_hr.to(dtype)};
 }
 
