@@ -233,22 +233,43 @@ inline std::vector<std::pair<int64_t, int64_t>> segment_tiles(int64_t M, int64_t
   return out;
 }
 
+// The work of a product over panels of nt columns as units of (row tile, group of `unit` columns;
+// unit divides nt), row tile major: units [begin, end) as calls f(row tile, first column, columns),
+// one per run of units inside one tile and one panel. Threads share out units of 16 columns, not
+// whole panels, where the product runs on brgemm, whose sums for a column do not depend on how the
+// columns are cut: with N = 400 in panels of 64 (six and one of 16), whole panels gave two threads
+// 256 and 144 columns a step (NOTES.md entry 59). BLAS (float64; float32 without brgemm) gets whole
+// panels, as its sums may depend on N and the cuts on the thread count.
+template <typename F>
+inline void for_column_runs(int64_t begin, int64_t end, int64_t groups, int64_t N, int64_t nt, int64_t unit,
+                            const F& f) {
+  for (int64_t u = begin; u < end;) {
+    const int64_t m = u / groups, g = u % groups;
+    const int64_t panel_end = std::min(groups, (g * unit / nt + 1) * (nt / unit));  // first group past it
+    const int64_t g_end = std::min(panel_end, g + (end - u));
+    f(m, g * unit, std::min(N, g_end * unit) - g * unit);
+    u += g_end - g;
+  }
+}
+
 // C[M, N] (ldc, float) = A[M, K] (lda, bfloat16) @ w^T, w given as VNNI panels of nt columns
-// (pack_vnni_panels, K even); in parallel over tiles, float32 accumulation.
+// (pack_vnni_panels, K even, nt a multiple of 16); in parallel over row tiles and 16-column groups
+// (for_column_runs), float32 accumulation.
 // With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows: the other rows
 // of C are left as they were.
 inline void matmul_vnni_panels(int64_t M, int64_t N, int64_t K, const at::BFloat16* A, int64_t lda,
                                const at::Tensor& panels, int64_t nt, float* C, int64_t ldc,
                                int64_t stride = 0, const int64_t* rows = nullptr) {
+  TORCH_INTERNAL_ASSERT(nt % 16 == 0);
   const std::vector<std::pair<int64_t, int64_t>> mtiles = segment_tiles(M, stride, rows, 256);
-  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
+  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), groups = (N + 15) / 16;
   const at::BFloat16* P = panels.data_ptr<at::BFloat16>();
-  at::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = mtiles[tile / n_tiles].first, n = tile % n_tiles, n0 = n * nt;
-      at::native::cpublas::brgemm(mtiles[tile / n_tiles].second, std::min(nt, N - n0), K, lda, nt, ldc, false,
-                                  A + m0 * lda, P + n * K * nt, C + m0 * ldc + n0, true);
-    }
+  at::parallel_for(0, m_tiles * groups, 1, [&](int64_t begin, int64_t end) {
+    for_column_runs(begin, end, groups, N, nt, 16, [&](int64_t m, int64_t n0, int64_t n) {
+      const int64_t m0 = mtiles[m].first;
+      at::native::cpublas::brgemm(mtiles[m].second, n, K, lda, nt, ldc, false, A + m0 * lda,
+                                  P + (n0 / nt) * K * nt + (n0 % nt) * 2, C + m0 * ldc + n0, true);
+    });
   });
 }
 
@@ -624,11 +645,13 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
                          int64_t ldb, float* G, int64_t ldg) {
   constexpr int64_t kMaxRows = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task, at most
   if (M == 0 || N == 0) return;
-  // Rows in tiles of at most kMaxRows, as even as whole 16-row groups allow: with full tiles and a
-  // short last one (M = 650: five of 128 and one of 10) the thread without the short tile did a
-  // third more work (NOTES.md entry 55). A row's sums do not depend on its tile.
-  const std::pair<int64_t, int64_t> even = row_tiles(M, kMaxRows);
-  const int64_t m_tiles = even.first, mt = std::min(kMaxRows, (even.second + 15) / 16 * 16);
+  // Rows in tiles of at most kMaxRows, whole 16-row groups shared as evenly as they go (tile i
+  // starts at group i * groups / m_tiles): with full tiles and a short last one (M = 650: five of
+  // 128 and one of 10) the thread without the short tile did a third more work (NOTES.md entry
+  // 55); M = 400 went 112, 112, 112, 64 (two threads: 224 and 176 rows), now 112, 96, 96, 96 (entry
+  // 59). Column tiles are grouped the same way. A row's sums do not depend on its tile.
+  const int64_t row_groups = (M + 15) / 16, m_tiles = (M + kMaxRows - 1) / kMaxRows;
+  const auto tile_row = [&](int64_t i) { return std::min(M, i * row_groups / m_tiles * 16); };
   const int64_t n_tiles = (N + nt - 1) / nt;
   const int64_t threads = at::get_num_threads();
   // A group's tiles share one transposed strip of A, so larger groups transpose less; but a small M
@@ -636,16 +659,16 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
   // would do the whole product (NOTES.md entry 31).
   const int64_t n_groups = std::min(
       n_tiles, std::max((n_tiles + group - 1) / group, (threads + m_tiles - 1) / m_tiles));
-  const int64_t per_group = (n_tiles + n_groups - 1) / n_groups;
   std::vector<std::vector<float>> bufs(threads);
   at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float>& buf = bufs[at::get_thread_num() % threads];
-    buf.resize(mt * std::max<int64_t>(K, 1));
+    buf.resize(kMaxRows * std::max<int64_t>(K, 1));
     float tile[128 * 64];  // kMaxRows x nt
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t m0 = (task / n_groups) * mt, m = std::min(mt, M - m0);
+      const int64_t m0 = tile_row(task / n_groups), m = tile_row(task / n_groups + 1) - m0;
+      const int64_t mt = kMaxRows;  // row stride of the staging rows and the tile
       const int64_t g = task % n_groups;
-      if (g * per_group >= n_tiles) continue;  // rounding can leave the last groups empty
+      const int64_t t0 = g * n_tiles / n_groups, t1 = (g + 1) * n_tiles / n_groups;  // its column tiles
       // buf[i, k] = A[k, m0 + i]: 16 rows of A at a time, transposed in registers.
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t kk = std::min<int64_t>(16, K - k0);
@@ -656,7 +679,7 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
         }
         transpose_tile(kk, m, rows, mt, buf.data() + k0, K);
       }
-      for (int64_t n_tile = g * per_group; n_tile < std::min(n_tiles, (g + 1) * per_group); ++n_tile) {
+      for (int64_t n_tile = t0; n_tile < t1; ++n_tile) {
         const int64_t n0 = n_tile * nt, n = std::min(nt, N - n0);
         if (K == 0) std::fill(tile, tile + mt * nt, 0.f);
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
@@ -686,25 +709,33 @@ inline at::Tensor pack_panels(const at::Tensor& w, int64_t nt) {
   return out;
 }
 
-// C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt); in parallel over tiles.
+// C[M, N] (ldc) = A[M, K] (lda) @ w^T with w given as pack_panels(w, nt) (or column_panels; nt a
+// multiple of 16); in parallel over row tiles and column groups (for_column_runs: 16 columns on
+// brgemm and for a single row, whole panels otherwise).
 // With `rows` (segment_tiles), only the first rows[s] of each block of `stride` rows: the other rows
 // of C are left as they were.
 template <typename T>
 void matmul_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const at::Tensor& panels,
                    int64_t nt, T* C, int64_t ldc, int64_t stride = 0, const int64_t* rows = nullptr) {
+  TORCH_INTERNAL_ASSERT(nt % 16 == 0);
   // A tile of A stays in L2.
   const std::vector<std::pair<int64_t, int64_t>> mtiles = segment_tiles(M, stride, rows, 256);
-  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), n_tiles = (N + nt - 1) / nt;
+  bool fine = M == 1;  // gemm_serial's gemv: each column summed alone
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if constexpr (std::is_same_v<T, float>) fine = fine || brgemm_usable();
+#endif
+  const int64_t unit = fine ? 16 : nt;
+  const int64_t m_tiles = static_cast<int64_t>(mtiles.size()), groups = (N + unit - 1) / unit;
   const T* P = panels.data_ptr<T>();
-  // A chunk of tiles should be worth a parallel fork: about 2^17 multiply-adds.
-  const int64_t tile_work = (m_tiles > 0 ? mtiles[0].second : 1) * nt * K;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, tile_work));
-  at::parallel_for(0, m_tiles * n_tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = mtiles[tile / n_tiles].first, n = tile % n_tiles, n0 = n * nt;
-      gemm_serial<T>(mtiles[tile / n_tiles].second, std::min(nt, N - n0), K, A + m0 * lda, lda,
-                     P + n * K * nt, nt, C + m0 * ldc + n0, ldc);
-    }
+  // A chunk of units should be worth a parallel fork: about 2^17 multiply-adds.
+  const int64_t unit_work = (m_tiles > 0 ? mtiles[0].second : 1) * unit * K;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, unit_work));
+  at::parallel_for(0, m_tiles * groups, grain, [&](int64_t begin, int64_t end) {
+    for_column_runs(begin, end, groups, N, nt, unit, [&](int64_t m, int64_t n0, int64_t n) {
+      const int64_t m0 = mtiles[m].first;
+      gemm_serial<T>(mtiles[m].second, n, K, A + m0 * lda, lda, P + (n0 / nt) * K * nt + n0 % nt, nt,
+                     C + m0 * ldc + n0, ldc);
+    });
   });
 }
 
