@@ -90,6 +90,16 @@ def git_revision():
         return None
 
 
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+
+
+def allocator_settings():
+    """The environment variables that change the C allocator (glibc's malloc thresholds, a preloaded
+    jemalloc or tcmalloc): torch's CPU times on large shapes depend on them (page faults), so every
+    run records them. Empty: glibc's defaults."""
+    return {k: os.environ[k] for k in ALLOCATOR_VARIABLES if os.environ.get(k)}
+
+
 def environment(device, module):
     """Top-level JSON keys describing the run (results.json adds `rows`)."""
     env = {
@@ -108,6 +118,7 @@ def environment(device, module):
         "fastlstm_version": getattr(module, "__version__", None),
         "git": git_revision(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "allocator": allocator_settings(),
     }
     if device.type == "cuda":
         env["cudnn"] = torch.backends.cudnn.version()

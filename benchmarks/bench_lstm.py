@@ -340,8 +340,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_block(fn, number, device):
-    """Seconds per call of `number` back-to-back calls (CUDA events on GPU)."""
+def minor_faults():
+    """Minor page faults of this process so far (0 where getrusage is unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_block(fn, number, device, faults=None):
+    """Seconds per call of `number` back-to-back calls (CUDA events on GPU). On the CPU, when
+    `faults` is a list, appends the minor page faults per call of the block (memory the allocator
+    had to map afresh: glibc's malloc hands large freed blocks back to the kernel)."""
     if device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -351,10 +362,14 @@ def time_block(fn, number, device):
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / number
+    f0 = minor_faults()
     t0 = time.perf_counter()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - t0) / number
+    seconds = (time.perf_counter() - t0) / number
+    if faults is not None:
+        faults.append((minor_faults() - f0) / number)
+    return seconds
 
 
 def warm_up(fn, device, min_calls, min_seconds):
@@ -367,9 +382,10 @@ def warm_up(fn, device, min_calls, min_seconds):
             return t
 
 
-def time_pair(fn_a, fn_b, device, cfg):
+def time_pair(fn_a, fn_b, device, cfg, faults=None):
     """Times fn_a and fn_b in alternating blocks (a b, b a, a b, ...); returns per-call seconds of
-    every block for each."""
+    every block for each. On the CPU, `faults` (a dict) gets "a" and "b": the median over blocks of
+    the minor page faults per call."""
     t_a = warm_up(fn_a, device, cfg["warmup_calls"], cfg["warmup_s"])
     t_b = warm_up(fn_b, device, cfg["warmup_calls"], cfg["warmup_s"])
     n_a = max(1, math.ceil(cfg["min_block_s"] / max(t_a, 1e-9)))
@@ -380,13 +396,16 @@ def time_pair(fn_a, fn_b, device, cfg):
         per_round = n_a * t_a + n_b * t_b
         rounds = int(min(cfg["max_reps"], max(cfg["min_reps"], cfg["budget_s"] // max(per_round, 1e-9))))
     times_a, times_b = [], []
+    faults_a, faults_b = [], []
     deadline = time.perf_counter() + 2 * cfg["budget_s"]  # a busy machine must not stretch the run
     for r in range(rounds):
         if not cfg["reps"] and r >= cfg["min_reps"] and time.perf_counter() > deadline:
             break
-        order = ((fn_a, n_a, times_a), (fn_b, n_b, times_b))
-        for fn, n, times in order if r % 2 == 0 else reversed(order):
-            times.append(time_block(fn, n, device))
+        order = ((fn_a, n_a, times_a, faults_a), (fn_b, n_b, times_b, faults_b))
+        for fn, n, times, flt in order if r % 2 == 0 else reversed(order):
+            times.append(time_block(fn, n, device, flt))
+    if faults is not None and device.type == "cpu":
+        faults.update(a=statistics.median(faults_a), b=statistics.median(faults_b))
     return times_a, times_b, (n_a, n_b)
 
 
@@ -445,7 +464,10 @@ def measure(impl, shape, dtype_name, modes, device, cfg, tf32):
                 row.update(error_fields("mismatch", detail))
                 rows.append(row)
                 continue
-            times_b, times_f, (n_b, n_f) = time_pair(step_fn(base, inp, mode), step_fn(fast, inp, mode), device, cfg)
+            faults = {}
+            times_b, times_f, (n_b, n_f) = time_pair(
+                step_fn(base, inp, mode), step_fn(fast, inp, mode), device, cfg, faults
+            )
         except Exception as e:  # noqa: BLE001 - recorded in the row and printed
             row.update(error_fields("error", f"{type(e).__name__}: {e}"))
             rows.append(row)
@@ -468,6 +490,8 @@ def measure(impl, shape, dtype_name, modes, device, cfg, tf32):
             gate_flops=mode_flops,
             fastlstm_tflops=mode_flops / fast_s / 1e12,
             baseline_tflops=mode_flops / base_s / 1e12,
+            baseline_faults=faults.get("a"),
+            fastlstm_faults=faults.get("b"),
         )
         rows.append(row)
     if device.type == "cuda":
@@ -509,9 +533,16 @@ def fmt_ms(v):
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
+def fmt_faults(v):
+    return "-" if v is None else f"{v:.0f}"
+
+
 def table(rows, device):
     flops_col = "fast TFLOP/s" if device.type == "cuda" else "fast GFLOP/s"
-    header = COLUMNS + [flops_col]
+    cpu = device.type == "cpu"
+    # CPU: minor page faults per call of each (see time_block), the usual reason torch's time on
+    # large shapes depends on the allocator's state and fastlstm's does not.
+    header = COLUMNS + [flops_col] + (["torch flt", "fast flt"] if cpu else [])
     lines = []
     for r in rows:
         if r.get("status") == "ok":
@@ -540,6 +571,7 @@ def table(rows, device):
                 iqr,
                 flops,
             ]
+            + ([fmt_faults(r.get("baseline_faults")), fmt_faults(r.get("fastlstm_faults"))] if cpu else [])
         )
     cells = [header] + [[str(c) for c in line] for line in lines]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -571,7 +603,7 @@ CSV_FIELDS = [
     "name", "T", "B", "I", "H", "proj_size", "layers", "bidirectional", "variable_length", "dtype", "mode",
     "baseline_ms", "fastlstm_ms", "speedup", "device", "status", "match", "match_rule", "tokens", "gate_flops",
     "baseline_tflops", "fastlstm_tflops", "baseline_ms_min", "fastlstm_ms_min", "baseline_iqr_pct",
-    "fastlstm_iqr_pct", "reps", "error",
+    "fastlstm_iqr_pct", "reps", "baseline_faults", "fastlstm_faults", "error",
 ]  # fmt: skip
 
 
@@ -798,6 +830,10 @@ def main(argv=None):
         flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["cpu_flags"].items())
         print(f"CPU flags: {flags}; torch CPU capability {env['torch_cpu_capability']}; "
               f"fastlstm CPU kernels {env['fastlstm_cpu_isa']}", flush=True)
+    if device.type == "cpu":
+        alloc = env["allocator"]
+        print("allocator: " + (" ".join(f"{k}={v}" for k, v in alloc.items()) if alloc else "C library defaults")
+              + "; 'torch flt' / 'fast flt': minor page faults per call", flush=True)
     if device.type == "cpu" and os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.1f} before starting: other processes share the CPU")
     if env["fastlstm_backend"] == "reference":

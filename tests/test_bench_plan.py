@@ -57,3 +57,33 @@ def test_shape_option(bench):
     for bad in ("1,2,3", "1,2,3,x", "1,2,3,4,foo", "0,2,3,4", "1,2,3,4,layers=0"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--shape", bad])
+
+
+def test_page_faults_and_allocator_recorded(bench, monkeypatch):
+    # On the CPU each row records the minor page faults per call of both implementations (the usual
+    # reason torch's time on large shapes depends on the allocator's state), and every run the
+    # allocator variables in force. A function that touches fresh pages shows faults, one that
+    # allocates nothing shows none.
+    import _common
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert _common.allocator_settings()["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1"
+    assert "LD_PRELOAD" not in _common.allocator_settings()
+
+    import mmap
+
+    def fresh_pages():
+        with mmap.mmap(-1, 64 * 4096) as m:  # an anonymous mapping: every page touched faults
+            for i in range(0, len(m), 4096):
+                m[i] = 1
+
+    def nothing():
+        pass
+
+    cfg = dict(warmup_calls=1, warmup_s=0.0, min_block_s=0.0, budget_s=0.0, min_reps=3, max_reps=3, reps=3)
+    faults = {}
+    bench.time_pair(fresh_pages, nothing, torch.device("cpu"), cfg, faults)
+    assert faults["a"] >= 60 and faults["b"] < 5
+    header = bench.table([], torch.device("cpu")).splitlines()[0]
+    assert "torch flt" in header and "fast flt" in header
