@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -643,7 +644,7 @@ inline void rows_to_panel(int64_t n, int64_t width, int64_t K, const T* src, int
 template <typename RowOf>
 void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
                          int64_t ldb, float* G, int64_t ldg) {
-  constexpr int64_t kMaxRows = 128, nt = 64, kc = 512, group = 8;  // group: column tiles per task, at most
+  constexpr int64_t kMaxRows = 128, nt = 64, kc = 512;
   if (M == 0 || N == 0) return;
   // Rows in tiles of at most kMaxRows, whole 16-row groups shared as evenly as they go (tile i
   // starts at group i * groups / m_tiles): with full tiles and a short last one (M = 650: five of
@@ -654,11 +655,13 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
   const auto tile_row = [&](int64_t i) { return std::min(M, i * row_groups / m_tiles * 16); };
   const int64_t n_tiles = (N + nt - 1) / nt;
   const int64_t threads = at::get_num_threads();
-  // A group's tiles share one transposed strip of A, so larger groups transpose less; but a small M
-  // (one or two strips: H = 128) needs its column tiles split into a task per thread, or one thread
-  // would do the whole product (NOTES.md entry 31).
-  const int64_t n_groups = std::min(
-      n_tiles, std::max((n_tiles + group - 1) / group, (threads + m_tiles - 1) / m_tiles));
+  // A group's column tiles share one transposed strip of A (all K rows: 2.8 MB at M = 112,
+  // K = 6400), so the fewer groups the less transposing: as few as make the task count a multiple
+  // of the thread count (one group for an even number of row tiles at two threads, was up to 8
+  // tiles a group: 2.5-5% of the backward, NOTES.md entry 59). A small M (one strip: H = 128) still
+  // gets its column tiles split into a task per thread, or one thread would do the whole product
+  // (entry 31).
+  const int64_t n_groups = std::min(n_tiles, threads / std::gcd(m_tiles, threads));
   std::vector<std::vector<float>> bufs(threads);
   at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float>& buf = bufs[at::get_thread_num() % threads];
