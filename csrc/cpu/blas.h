@@ -644,14 +644,14 @@ inline void rows_to_panel(int64_t n, int64_t width, int64_t K, const T* src, int
 template <typename RowOf>
 void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, const float* B,
                          int64_t ldb, float* G, int64_t ldg) {
-  constexpr int64_t kMaxRows = 128, nt = 64, kc = 512;
+  constexpr int64_t mt = 128, nt = 64, kc = 512;  // mt: rows of a tile, at most
   if (M == 0 || N == 0) return;
-  // Rows in tiles of at most kMaxRows, whole 16-row groups shared as evenly as they go (tile i
+  // Rows in tiles of at most mt, whole 16-row groups shared as evenly as they go (tile i
   // starts at group i * groups / m_tiles): with full tiles and a short last one (M = 650: five of
   // 128 and one of 10) the thread without the short tile did a third more work (NOTES.md entry
   // 55); M = 400 went 112, 112, 112, 64 (two threads: 224 and 176 rows), now 112, 96, 96, 96 (entry
   // 59). Column tiles are grouped the same way. A row's sums do not depend on its tile.
-  const int64_t row_groups = (M + 15) / 16, m_tiles = (M + kMaxRows - 1) / kMaxRows;
+  const int64_t row_groups = (M + 15) / 16, m_tiles = (M + mt - 1) / mt;
   const auto tile_row = [&](int64_t i) { return std::min(M, i * row_groups / m_tiles * 16); };
   const int64_t n_tiles = (N + nt - 1) / nt;
   const int64_t threads = at::get_num_threads();
@@ -665,17 +665,16 @@ void weight_grad_blocked(int64_t M, int64_t N, int64_t K, const RowOf& row_of, c
   std::vector<std::vector<float>> bufs(threads);
   at::parallel_for(0, m_tiles * n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float>& buf = bufs[at::get_thread_num() % threads];
-    buf.resize(kMaxRows * std::max<int64_t>(K, 1));
-    float tile[128 * 64];  // kMaxRows x nt
+    buf.resize(mt * std::max<int64_t>(K, 1));
+    float tile[mt * nt];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = tile_row(task / n_groups), m = tile_row(task / n_groups + 1) - m0;
-      const int64_t mt = kMaxRows;  // row stride of the staging rows and the tile
       const int64_t g = task % n_groups;
       const int64_t t0 = g * n_tiles / n_groups, t1 = (g + 1) * n_tiles / n_groups;  // its column tiles
       // buf[i, k] = A[k, m0 + i]: 16 rows of A at a time, transposed in registers.
       for (int64_t k0 = 0; k0 < K; k0 += 16) {
         const int64_t kk = std::min<int64_t>(16, K - k0);
-        float rows[16 * 128];  // 16 x kMaxRows
+        float rows[16 * mt];
         for (int64_t r = 0; r < kk; ++r) {
           const float* a = row_of(k0 + r) + m0;
           std::copy(a, a + m, rows + r * mt);

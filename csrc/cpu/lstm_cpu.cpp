@@ -933,11 +933,10 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     for_rows(B, 8 * H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         acc_t* dg = dG_t + b * ldg;
+        if (!has_proj) grad_h_row(b);  // dm_t = dH_t: each row's own, on the row's thread
         if (!act.active(b, t)) {
-          if (!has_proj) grad_h_row(b);
           std::fill(dg, dg + 4 * H, acc_t(0));
         } else {
-          if (!has_proj) grad_h_row(b);  // dm_t = dH_t: each row's own, on the row's thread
           // The previous cell state: the carried state of the previously processed step, or c0.
           const acc_t* c_prev = first ? c0_a.data_ptr<acc_t>() + b * H
                                       : cell_all + (t_prev * B + b) * H;
@@ -1016,8 +1015,8 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
     grad_w_ih = at::mm(dG2.t(), x2);
   }
   at::Tensor grad_bias = at::zeros({4 * H}, acc);  // the rows' sums added in row order
+  acc_t* gb = grad_bias.data_ptr<acc_t>();
   for (int64_t b = 0; b < B; ++b) {
-    acc_t* gb = grad_bias.data_ptr<acc_t>();
     const acc_t* db = db_all + b * 4 * H;
     for (int64_t j = 0; j < 4 * H; ++j) gb[j] += db[j];
   }
@@ -1026,41 +1025,45 @@ backward_impl(const LayerSizes& s, const at::Tensor& grad_output, const at::Tens
   // output; for each sequence's first step it is h0 (where output is zero past a length, so the
   // shifted product picks up nothing there).
   const at::Tensor out_a = native_mm ? at::Tensor() : output.to(acc);
+  // The h that row k = t * B + b of dG was computed from (both one-product paths below pair them):
+  // the output of the step processed before t, or h0 at each sequence's first processed step (in
+  // reverse with lengths, step len - 1; rows past a length have dG = 0). {from h0, offset of the
+  // row in h0 [B, P] or in the output [T, B, P]}.
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const auto h_read = [&](int64_t k) -> std::pair<bool, int64_t> {
+    const int64_t t = k / B, b = k % B;
+    const bool first = reverse ? (t == T - 1 || (len != nullptr && t + 1 >= len[b])) : t == 0;
+    return {first, first ? b * P : ((reverse ? t + 1 : t - 1) * B + b) * P};
+  };
   if (blocked) {
-    // One product over all T*B rows: the row paired with dG's row of step t is the h that step read,
-    // the output of the step processed before it, or h0 at each sequence's first processed step
-    // (in reverse with lengths, step len - 1; rows past a length have dG = 0).
+    // One product over all T*B rows, each dG row with the h it was computed from (h_read).
     grad_w_hh = cpu::cached_empty({4 * H, P}, acc);
     const at::Tensor h0_a = h0.to(acc).contiguous();
     const at::Tensor out_c = out_a.contiguous();
     const float* h0p = reinterpret_cast<const float*>(h0_a.data_ptr());
     const float* op = reinterpret_cast<const float*>(out_c.data_ptr());
-    const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
     auto row = [&](int64_t k) -> const float* {
-      const int64_t t = k / B, b = k % B;
-      const bool first = reverse ? (t == T - 1 || (len != nullptr && t + 1 >= len[b])) : t == 0;
-      return first ? h0p + b * P : op + ((reverse ? t + 1 : t - 1) * B + b) * P;
+      const std::pair<bool, int64_t> r = h_read(k);
+      return (r.first ? h0p : op) + r.second;
     };
     cpu::weight_grad_blocked(P, 4 * H, T * B, row, reinterpret_cast<const float*>(dG_all), ldg,
                              reinterpret_cast<float*>(grad_w_hh.data_ptr<acc_t>()), P);
   } else if (native_mm) {
-    // One bfloat16 product over all T*B rows, dG^T @ h_prev, h_prev's row of step t being the h that
-    // step read (as in the blocked path above): the output of the step processed before it, or h0 at
-    // each sequence's first processed step (rows past a length have dG = 0 and output 0).
+    // One bfloat16 product over all T*B rows, dG^T @ h_prev, h_prev's row k the h of h_read(k).
     const at::Tensor h0_l = h0.to(dtype).contiguous();
-    at::Tensor h_prev;
-    if (T == 1) {
-      h_prev = h0_l;
-    } else if (!reverse) {
-      h_prev = at::cat({h0_l.unsqueeze(0), output.narrow(0, 0, T - 1)});
-    } else {
-      h_prev = at::cat({output.narrow(0, 1, T - 1), h0_l.unsqueeze(0)});
-      if (lengths.defined()) {  // in reverse a sequence starts at step len - 1
-        const at::Tensor starts = at::arange(T, lengths.options()).unsqueeze(1) + 1 == lengths.unsqueeze(0);
-        h_prev = at::where(starts.unsqueeze(2), h0_l.unsqueeze(0), h_prev);
+    const at::Tensor out_l = output.contiguous();
+    const scalar_t* h0p = h0_l.data_ptr<scalar_t>();
+    const scalar_t* op = out_l.data_ptr<scalar_t>();
+    at::Tensor h_prev = at::empty({T * B, P}, output.options());
+    scalar_t* hp = h_prev.data_ptr<scalar_t>();
+    at::parallel_for(0, T * B, 64, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const std::pair<bool, int64_t> r = h_read(k);
+        const scalar_t* src = (r.first ? h0p : op) + r.second;
+        std::copy(src, src + P, hp + k * P);
       }
-    }
-    grad_w_hh = at::mm(dG_low2.t(), h_prev.reshape({T * B, P}));
+    });
+    grad_w_hh = at::mm(dG_low2.t(), h_prev);
   } else {
     at::Tensor gw_hh_t = cpu::cached_zeros({P, 4 * H}, acc);  // grad_w_hh^T
     if (T > 1) {
