@@ -1,5 +1,5 @@
-// Op schemas for fastlstm. Each backend registers its implementation at the bottom of its own file
-// (csrc/cpu/lstm_cpu.cpp, csrc/cuda/lstm_cuda.cpp).
+// Op schemas for fastlstm. Each backend registers its implementations in one place (csrc/cpu/lstm_cpu.cpp,
+// csrc/cuda/lstm_cuda.cpp); the autograd kernels are in csrc/autograd/.
 //
 // One layer, one direction. Shapes (time-major; the module handles batch_first):
 //   input    [T, B, I]
@@ -16,7 +16,7 @@
 //            sequence b starts at t = lengths[b] - 1.
 //   training whether the backward will run: without it nothing is saved (gates, cells and hidden
 //            come back with shape [0]) and the forward needs far less memory. None (the default):
-//            decided by the Autograd kernel (csrc/autograd/lstm_autograd.cpp), true exactly when a
+//            decided by the Autograd kernel (csrc/autograd/layer_autograd.cpp), true exactly when a
 //            gradient is needed; a backend kernel reached without it (below autograd) saves nothing.
 //
 // lstm_layer_forward returns
@@ -50,8 +50,8 @@ TORCH_LIBRARY(fastlstm, m) {
 // The library has no Python entry point and no Python symbols: fastlstm/_loader.py loads it with
 // torch.ops.load_library, and a C++ program can dlopen it (examples/cpp).
 
-// One LSTMCell step (torch.nn.LSTMCell), CPU (csrc/cpu/lstm_cell_cpu.cpp, which also registers its
-// autograd). Shapes:
+// One LSTMCell step (torch.nn.LSTMCell), CPU (csrc/cpu/cell_cpu.cpp; autograd in
+// csrc/autograd/cell_autograd.cpp). Shapes:
 //   input [B, I]; hx [B, H]; cx [B, H]; w_ih [4H, I]; w_hh [4H, H] (rows i, f, g, o);
 //   b_ih, b_hh [4H] or None.
 // lstm_cell_forward returns h [B, H], c [B, H] (input dtype) and gates [B, 4H], the post-activation
@@ -66,4 +66,21 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def(
       "lstm_cell_backward(Tensor grad_h, Tensor grad_c, Tensor cx, Tensor c, Tensor gates) "
       "-> (Tensor grad_gates, Tensor grad_cx)");
+}
+
+// The CPU library's controls and internals (csrc/cpu/lstm_cpu.cpp):
+//   cpu_cache_release() frees the large blocks the CPU kernels keep for reuse (csrc/cpu/block_cache.h)
+//     and returns how many bytes that was (fastlstm.empty_cpu_cache()); cpu_cache_bytes() returns how
+//     many bytes are cached now (fastlstm.cpu_cache_bytes()).
+//   _lstm_layer_cpu_plan returns how the CPU layer would run a call with these arguments (the forward
+//     plan, and with training the backward's; csrc/cpu/layer_plan.h), for debugging.
+//   _cpu_cached_empty(size, dtype) is an uninitialised CPU tensor from the block cache (the cell's
+//     autograd puts its weight gradients there).
+TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
+  m.def("cpu_cache_release() -> int");
+  m.def("cpu_cache_bytes() -> int");
+  m.def(
+      "_lstm_layer_cpu_plan(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? lengths, bool reverse, bool training) -> str");
+  m.def("_cpu_cached_empty(int[] size, ScalarType dtype) -> Tensor");
 }

@@ -141,16 +141,6 @@ def library_paths() -> list[str]:
     return list(_paths)
 
 
-def _cpu_cache_call(name: str) -> int:
-    if _isa is None:
-        return 0
-    import ctypes
-
-    fn = getattr(ctypes.CDLL(_paths[-1]), name)  # the loaded CPU library (dlopen shares it)
-    fn.restype = ctypes.c_size_t
-    return int(fn())
-
-
 def empty_cpu_cache() -> int:
     """Frees the large CPU blocks that fastlstm keeps for reuse and returns how many bytes that was.
 
@@ -160,9 +150,9 @@ def empty_cpu_cache() -> int:
     ``FASTLSTM_CPU_CACHE_MB`` MiB (read once, when first needed; default 256, 0 turns it off). Like
     the CUDA caching allocator's ``torch.cuda.empty_cache()``, this gives the memory back now.
     """
-    return _cpu_cache_call("fastlstm_cpu_cache_release")
+    return int(torch.ops.fastlstm.cpu_cache_release()) if _isa is not None else 0
 
 
 def cpu_cache_bytes() -> int:
     """Bytes of freed blocks the CPU block cache holds now (see ``empty_cpu_cache``)."""
-    return _cpu_cache_call("fastlstm_cpu_cache_bytes")
+    return int(torch.ops.fastlstm.cpu_cache_bytes()) if _isa is not None else 0

@@ -6,7 +6,7 @@ import torch
 import fastlstm
 from helpers import make_input, run
 
-# Each case takes a different path through the recurrent matmul (csrc/cpu/lstm_cpu.cpp).
+# Each case takes a different path through the recurrent matmul (csrc/cpu/layer_plan.h: Recurrence).
 THREAD_CASES = [
     dict(T=20, B=8, I=24, H=80),  # per-block panels of w_hh, the last block partial
     dict(T=3, B=8, I=24, H=150),  # few steps: w_hh read in place
@@ -217,7 +217,7 @@ torch.manual_seed(0)
 torch.set_num_threads(2)  # the barrier loop needs two threads
 out = {}
 # Inference calls that take the per-block input projection and the loop with a barrier a step by
-# default (csrc/cpu/lstm_cpu.cpp, use_block_projection, use_step_barrier): a partial last block,
+# default (csrc/cpu/layer_plan.h: block_proj, barrier): a partial last block,
 # several tasks a step, bidirectional with lengths, bfloat16 (native where the CPU has avx512_bf16).
 for dtype in (torch.float32, torch.bfloat16):
     for T, B, I, H, bidir in ((12, 8, 20, 70, False), (30, 16, 48, 200, True), (9, 64, 32, 128, False)):

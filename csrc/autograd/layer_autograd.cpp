@@ -3,30 +3,27 @@
 // decision to save activations is made at runtime, where it is known whether a gradient is needed.
 //
 // Arguments and shapes are those of the op (csrc/fastlstm.cpp). What this kernel does:
-//   - no gradient needed (grad mode off, or no input requires grad): run the op below autograd with
-//     training = false unless the caller asked for it explicitly. A graph captured above autograd
-//     (torch.jit.trace, torch.export's training IR) records training = None, so it saves nothing
-//     when it is later run for inference, whatever grad mode it was captured in.
-//   - a gradient needed: run the op with training = true inside a torch::autograd::Function whose
-//     backward is fastlstm::lstm_layer_backward. A graph captured below autograd (AOTAutograd, an
-//     inference export after decompositions) records the resolved flag.
-//   - forward-mode AD (a tangent on any input: torch.func.jvp, jacfwd, torch.autograd.forward_ad),
-//     or a gradient needed inside a torch.func transform (grad, vjp, jacrev, vmap, ...), which
-//     refuses C++ autograd Functions: run the composite below, made of ATen ops that have forward
-//     derivatives, batching rules and functorch support, instead of the fused op. Slower, but
-//     correct under every transform; plain vmap without a gradient uses the op's batching rule
-//     (fastlstm/ops.py).
+// The route (no gradient / autograd Function / composite) is autograd_route.h's, shared with the
+// cell. Without a gradient the op runs with training = false unless the caller asked for it
+// explicitly: a graph captured above autograd (torch.jit.trace, torch.export's training IR) records
+// training = None, so it saves nothing when it is later run for inference, whatever grad mode it
+// was captured in. A graph captured below autograd (AOTAutograd, an inference export after
+// decompositions) records the resolved flag. Plain vmap without a gradient uses the op's batching
+// rule (fastlstm/ops.py).
 // Double backward (backward with create_graph = true, e.g. torch.func.grad, gradient penalties)
 // recomputes the layer with the composite and differentiates it, so the gradient is itself
 // differentiable.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "autograd/autograd_route.h"
+#include "autograd/composite.h"
+#include "lstm_checks.h"
 
 namespace fastlstm {
 namespace {
@@ -39,40 +36,6 @@ using ForwardOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 Tensor value_or_undefined(const OptTensor& t) { return present(t) ? *t : Tensor(); }
-
-// One layer, one direction in plain ATen ops (the same contract as fastlstm.reference.lstm_layer):
-// input [T, B, I], h0 [B, P], c0 [B, H] -> output [T, B, P], h_n [B, P], c_n [B, H]. Slow; used only
-// for forward-mode AD and double backward, where differentiability matters more than speed.
-std::tuple<Tensor, Tensor, Tensor> composite_layer(const Tensor& input, const Tensor& h0,
-                                                   const Tensor& c0, const Tensor& w_ih,
-                                                   const Tensor& w_hh, const Tensor& b_ih,
-                                                   const Tensor& b_hh, const Tensor& w_hr,
-                                                   const Tensor& lengths, bool reverse) {
-  const int64_t T = input.size(0);
-  Tensor x = at::linear(input, w_ih, b_ih.defined() ? std::optional<Tensor>(b_ih) : std::nullopt);
-  if (b_hh.defined()) x = x + b_hh;
-  Tensor h = h0, c = c0;
-  std::vector<Tensor> outputs(T);
-  for (int64_t k = 0; k < T; ++k) {
-    const int64_t t = reverse ? T - 1 - k : k;
-    const auto g = (x[t] + at::linear(h, w_hh)).chunk(4, 1);
-    Tensor c_new = at::sigmoid(g[1]) * c + at::sigmoid(g[0]) * at::tanh(g[2]);
-    Tensor h_new = at::sigmoid(g[3]) * at::tanh(c_new);
-    if (w_hr.defined()) h_new = at::linear(h_new, w_hr);
-    if (!lengths.defined()) {
-      h = h_new;
-      c = c_new;
-      outputs[t] = h_new;
-    } else {
-      const Tensor active = lengths.gt(t).unsqueeze(1);
-      h = at::where(active, h_new, h);
-      c = at::where(active, c_new, c);
-      outputs[t] = at::where(active, h_new, at::zeros_like(h_new));
-    }
-  }
-  Tensor output = T > 0 ? at::stack(outputs) : input.new_zeros({0, input.size(1), h0.size(1)});
-  return {output, h, c};
-}
 
 const c10::TypedOperatorHandle<ForwardOut(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const OptTensor&, const OptTensor&,
@@ -133,7 +96,7 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     ctx->mark_non_differentiable({gates, cells, hidden});
     // gates, cells and hidden never get a gradient, and output, h_n or c_n may not: without this the
     // engine would hand backward zero tensors for all of them, a [T, B, 4H] fill and allocation
-    // alone (52 MB, about 6% of a fastrnns backward, and as much on the step's peak memory).
+    // alone (52 MB at fastrnns' shape, and as much on the step's peak memory).
     ctx->set_materialize_grads(false);
     return {output, h_n, c_n, gates, cells, hidden};
   }
@@ -204,45 +167,25 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
   }
 };
 
-bool has_tangent(const OptTensor& t) {
-  return present(t) && t->_fw_grad(/*level=*/0).defined();
-}
-
 ForwardOut lstm_layer_forward_autograd(const Tensor& input, const Tensor& h0, const Tensor& c0,
                                        const Tensor& w_ih, const Tensor& w_hh,
                                        const OptTensor& b_ih, const OptTensor& b_hh,
                                        const OptTensor& w_hr, const OptTensor& lengths,
                                        bool reverse, std::optional<bool> training) {
-  const std::vector<OptTensor> differentiable = {input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr};
-  bool forward_ad = false, needs_grad = false;
-  for (const auto& t : differentiable) {
-    forward_ad = forward_ad || has_tangent(t);
-    needs_grad = needs_grad || (present(t) && t->requires_grad());
-  }
-  needs_grad = needs_grad && torch::autograd::GradMode::is_enabled();
-
-  // functorch refuses a C++ autograd Function whenever a transform is active (its stack of dynamic
-  // layers is not empty), which is exactly when it includes its back-mode key in the TLS.
-  // (ATen/functorch/DynamicLayer.h, which could ask directly, is not usable from the wheel.)
-  const bool in_transform =
-      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-  if (forward_ad || (needs_grad && in_transform)) {
+  const Tensor bi = value_or_undefined(b_ih), bh = value_or_undefined(b_hh), hr = value_or_undefined(w_hr);
+  const AutogradRoute route = autograd_route({&input, &h0, &c0, &w_ih, &w_hh, &bi, &bh, &hr});
+  if (route == AutogradRoute::kComposite) {
     // Nothing is saved in the op's sense, so gates, cells and hidden come back empty.
     TORCH_CHECK(!training.value_or(false),
                 "fastlstm: lstm_layer_forward with training=True does not support forward-mode AD "
                 "or torch.func transforms; pass training=None (the default)");
-    auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, value_or_undefined(b_ih),
-                                     value_or_undefined(b_hh), value_or_undefined(w_hr),
-                                     value_or_undefined(lengths), reverse);
+    auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, bi, bh, hr, value_or_undefined(lengths),
+                                     reverse);
     const auto empty = input.new_empty({0});
-    const auto cell_empty = input.new_empty(
-        {0}, input.options().dtype(input.scalar_type() == at::kHalf ||
-                                           input.scalar_type() == at::kBFloat16
-                                       ? at::kFloat
-                                       : input.scalar_type()));
+    const auto cell_empty = input.new_empty({0}, input.options().dtype(cell_dtype(input.scalar_type())));
     return {o, h, c, empty, cell_empty, input.new_empty({0})};
   }
-  if (!needs_grad) {
+  if (route == AutogradRoute::kNoGrad) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op().call(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                              training.value_or(false));

@@ -2,9 +2,9 @@
 // activations, outputs, gradients: megabytes, allocated afresh on every call or step).
 //
 // glibc hands blocks this large back to the kernel (mmap'd blocks on free, the heap top by trimming),
-// so the next call touches fresh pages and pays a page fault per 4 KiB. For a batch-1 LSTMCell
-// training step at H = 1024 (two 16 MiB weight gradients a step) that costs as much as the
-// arithmetic (benchmarks/NOTES.md entry 29). Kept here instead, a freed block is reused by the next
+// so the next call touches fresh pages and pays a page fault per 4 KiB (for a batch-1 LSTMCell
+// training step at H = 1024, with two 16 MiB weight gradients a step, about as much as the
+// arithmetic). Kept here instead, a freed block is reused by the next
 // call that needs about as much, as oneDNN reuses its scratchpad and torch's CUDA allocator its
 // blocks. Tensors from the cache are ordinary CPU tensors (only their storage's allocator differs),
 // so one that escapes to the user is safe: its block returns to the cache when it is freed.
@@ -12,15 +12,16 @@
 // Blocks of kMinBytes or more are cached, up to FASTLSTM_CPU_CACHE_MB mebibytes in all (default 256;
 // 0 turns the cache off). A freed block that would exceed the cap makes room by freeing the blocks
 // cached longest ago (least recently freed first): a process that moves on to other shapes gets its
-// new blocks cached instead of keeping the old ones and page-faulting on every call (NOTES.md entry
-// 40). A block larger than the cap is freed as before. fastlstm.empty_cpu_cache() frees every cached
-// block (fastlstm_cpu_cache_release below).
+// new blocks cached instead of keeping the old ones and page-faulting on every call. A block larger than the cap is freed as before. fastlstm.empty_cpu_cache() frees every cached
+// block (the op fastlstm::cpu_cache_release, lstm_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+
+#include "cpu/knobs.h"
 
 #include <cstdlib>
 #include <list>
@@ -36,8 +37,7 @@ class BlockCache final : public c10::Allocator {
   static constexpr size_t kMinBytes = size_t(1) << 20;
 
   BlockCache() {
-    const char* env = std::getenv("FASTLSTM_CPU_CACHE_MB");
-    const long long mb = env != nullptr ? std::atoll(env) : 256;
+    const long long mb = knobs().cache_mb;
     cap_ = mb > 0 ? size_t(mb) << 20 : 0;
   }
 
@@ -146,15 +146,6 @@ inline BlockCache& block_cache() {
 inline at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::detail::empty_generic(sizes, &block_cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
-}
-
-// Whether t is an ordinary dense CPU tensor, not a functional, fake, batched or other wrapper: code
-// above the CPU kernels (an autograd backward) may take its results from the cache only then.
-inline bool plain_cpu(const at::Tensor& t) {
-  const c10::DispatchKeySet ks = t.key_set() - c10::autograd_dispatch_keyset -
-                                 c10::autocast_dispatch_keyset -
-                                 c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
-  return ks.highestPriorityTypeId() == c10::DispatchKey::CPU;
 }
 
 inline at::Tensor cached_zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {

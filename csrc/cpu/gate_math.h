@@ -1,5 +1,6 @@
-// Gate nonlinearities shared by the layer (lstm_cpu.cpp) and cell (lstm_cell_cpu.cpp) kernels,
-// compiled with each CPU build's instruction set.
+// The LSTM step's pointwise math, shared by the layer (layer_forward.cpp, layer_backward.cpp) and
+// the cell (cell_cpu.cpp): gate nonlinearities, the fused gate and cell update and its backward.
+// Compiled with each CPU build's instruction set.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -57,7 +58,7 @@ C10_ALWAYS_INLINE __m512 recip_one_plus(__m512 e) {
 #endif
 
 // Always inlined: each is a chain of dependent instructions that the callers interleave with
-// others (an out-of-line vtanh took 3% of a small inference call, NOTES.md entry 39).
+// others.
 template <typename acc_t>
 C10_ALWAYS_INLINE Vectorized<acc_t> vexp(Vectorized<acc_t> x) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -100,6 +101,136 @@ C10_ALWAYS_INLINE Vectorized<acc_t> vtanh(Vectorized<acc_t> x) {
 #endif
   } else {
     return x.tanh();
+  }
+}
+
+// cnt values of v stored as post_t (rounded when post_t is float16/bfloat16).
+template <typename acc_t, typename post_t>
+inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
+  if constexpr (std::is_same_v<post_t, acc_t>) {
+    v.store(dst, cnt);
+  } else {
+    acc_t tmp[Vectorized<acc_t>::size()];
+    v.store(tmp, cnt);
+    at::vec::convert(tmp, dst, cnt);
+  }
+}
+
+// Gate/cell update of n hidden units of one batch row at one step. Gate q of unit j is the sum of
+// pre[q * pre_stride + j] (the input part, a pre-activation), rec[q * rec_stride + j] (the
+// recurrent part) and bias[q * pre_stride + j] (bias may be null); its post-activation goes to
+// post[q * pre_stride + j] (post may be pre itself; a float16/bfloat16 post is the saved gates of
+// a low-precision call, written rounded, with no float32 copy of them).
+//   c_prev: [n] c_{t-1}; c: [n] out: c_t (may be c_prev: the layer updates its state in place);
+//   cell_out: [n] out: another copy of c_t (the layer's saved cells); m: [n] out: o * tanh(c_t)
+// kSave = false (inference): neither the post-activations nor cell_out are written (post and cell_out
+// may be null).
+// kPaired (the layer): two vectors of units at a time where there are two full ones: each
+// nonlinearity is a chain of dependent instructions, and two independent chains keep the core
+// busier. Otherwise (the cell) one vector at a time. The arithmetic is the same, but the compiler
+// may fuse a multiply and an add into an FMA differently in the two loops, so each user keeps the
+// loop its results were defined with.
+template <typename acc_t, typename post_t, bool kSave = true, bool kPaired = true>
+inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const acc_t* rec,
+                         int64_t rec_stride, const acc_t* bias, const acc_t* c_prev, acc_t* c,
+                         acc_t* cell_out, acc_t* m, post_t* post) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size();
+  int64_t j = 0;
+  for (; kPaired && j + 2 * kV <= n; j += 2 * kV) {
+    auto gate = [&](int q, int64_t jj) {
+      Vec v = Vec::loadu(pre + q * pre_stride + jj) + Vec::loadu(rec + q * rec_stride + jj);
+      return bias == nullptr ? v : v + Vec::loadu(bias + q * pre_stride + jj);
+    };
+    const int64_t j1 = j + kV;
+    const Vec i0 = vsigmoid(gate(0, j)), i1 = vsigmoid(gate(0, j1));
+    const Vec f0 = vsigmoid(gate(1, j)), f1 = vsigmoid(gate(1, j1));
+    const Vec z0 = vtanh(gate(2, j)), z1 = vtanh(gate(2, j1));
+    const Vec o0 = vsigmoid(gate(3, j)), o1 = vsigmoid(gate(3, j1));
+    const Vec c0 = f0 * Vec::loadu(c_prev + j) + i0 * z0, c1 = f1 * Vec::loadu(c_prev + j1) + i1 * z1;
+    if constexpr (kSave) {
+      store_as(i0, post + j, kV);
+      store_as(i1, post + j1, kV);
+      store_as(f0, post + pre_stride + j, kV);
+      store_as(f1, post + pre_stride + j1, kV);
+      store_as(z0, post + 2 * pre_stride + j, kV);
+      store_as(z1, post + 2 * pre_stride + j1, kV);
+      store_as(o0, post + 3 * pre_stride + j, kV);
+      store_as(o1, post + 3 * pre_stride + j1, kV);
+      c0.store(cell_out + j);
+      c1.store(cell_out + j1);
+    }
+    c0.store(c + j);
+    c1.store(c + j1);
+    (o0 * vtanh(c0)).store(m + j);
+    (o1 * vtanh(c1)).store(m + j1);
+  }
+  for (; j < n; j += kV) {
+    const int64_t cnt = std::min(kV, n - j);
+    auto gate = [&](int q) {
+      Vec v = Vec::loadu(pre + q * pre_stride + j, cnt) + Vec::loadu(rec + q * rec_stride + j, cnt);
+      return bias == nullptr ? v : v + Vec::loadu(bias + q * pre_stride + j, cnt);
+    };
+    const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), z = vtanh(gate(2)), o = vsigmoid(gate(3));
+    const Vec cn = f * Vec::loadu(c_prev + j, cnt) + i * z;
+    if constexpr (kSave) {
+      store_as(i, post + j, cnt);
+      store_as(f, post + pre_stride + j, cnt);
+      store_as(z, post + 2 * pre_stride + j, cnt);
+      store_as(o, post + 3 * pre_stride + j, cnt);
+      cn.store(cell_out + j, cnt);
+    }
+    cn.store(c + j, cnt);
+    (o * vtanh(cn)).store(m + j, cnt);
+  }
+}
+
+// n values of p (float16/bfloat16 saved gates, or acc_t itself) widened to a vector of acc_t: the
+// backward reads the saved low-precision gates in place instead of a converted copy of all of them.
+template <typename acc_t, typename T>
+inline Vectorized<acc_t> load_widened(const T* p, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vec::loadu(p, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec out;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        at::vec::load_fp32_from_bf16(p, out);
+      } else {
+        at::vec::load_fp32_from_fp16(p, out);
+      }
+      return out;
+    }
+    acc_t tmp[Vec::size()];
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(tmp, n);
+  }
+}
+
+// Backward of cell_forward for one batch row (all H units; gates in the standard layout).
+//   dm: [H] gradient of o * tanh(c); dc: [H] gradient of c_t; dc_prev: [H] out: gradient of c_{t-1}
+//   (may be dc: the layer carries it in place); gates: [4H] saved post-activations (the input
+//   dtype); c: [H] saved c_t; c_prev: [H] c_{t-1}; dg: [4H] out: gradient of the pre-activations
+template <typename acc_t, typename gate_t>
+inline void cell_backward_row(int64_t H, const acc_t* dm, const acc_t* dc, acc_t* dc_prev,
+                              const gate_t* gates, const acc_t* c, const acc_t* c_prev, acc_t* dg) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size();
+  const Vec one(acc_t(1));
+  for (int64_t j = 0; j < H; j += kV) {
+    const int64_t n = std::min(kV, H - j);
+    const Vec i = load_widened<acc_t>(gates + j, n), f = load_widened<acc_t>(gates + H + j, n);
+    const Vec z = load_widened<acc_t>(gates + 2 * H + j, n);
+    const Vec o = load_widened<acc_t>(gates + 3 * H + j, n);
+    const Vec tc = vtanh(Vec::loadu(c + j, n));
+    const Vec dmv = Vec::loadu(dm + j, n);
+    const Vec dct = Vec::loadu(dc + j, n) + dmv * o * (one - tc * tc);
+    (dct * z * i * (one - i)).store(dg + j, n);
+    (dct * Vec::loadu(c_prev + j, n) * f * (one - f)).store(dg + H + j, n);
+    (dct * i * (one - z * z)).store(dg + 2 * H + j, n);
+    (dmv * tc * o * (one - o)).store(dg + 3 * H + j, n);
+    (dct * f).store(dc_prev + j, n);
   }
 }
 
