@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -112,6 +113,13 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor b_ih = ctx->saved_data["b_ih"].toTensor();
     const Tensor b_hh = ctx->saved_data["b_hh"].toTensor();
+    if (!torch::autograd::get_current_graph_task_keep_graph()) {
+      // Released with the saved variables (the engine frees those after a backward that does not
+      // retain the graph): held longer, a bias would have a reference beyond its module's, and
+      // swapping it (Module.to with swapped tensors, FSDP2, load_state_dict(assign=True)) fails.
+      ctx->saved_data.erase("b_ih");
+      ctx->saved_data.erase("b_hh");
+    }
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const Tensor grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
