@@ -1,9 +1,11 @@
 """The benchmarks' choice of rows, their correctness rule, their timing loop and what they write (no
-speed is asserted here: speed is measured by the benchmarks, never by a test)."""
+speed is asserted here: speed is measured by the benchmarks, never by a test); and the research
+programs (research/gpu), which must build and pass their own checks on the CUDA emulator."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -208,3 +210,89 @@ def test_bench_cell_and_memory_write_what_was_recorded(tmp_path):
     old = json.loads((RECORDED / "memory_cpu.json").read_text())
     _keys_kept(doc, old, "memory_cpu.json")
     _keys_kept(doc["rows"][0], old["rows"][0], "memory_cpu.json rows")
+
+
+# ---- The research programs (research/gpu) on the CUDA emulator of tests/emu ----
+# They check their kernels' results themselves; here: that they build and pass on the emulator, and
+# that their checks fail once a barrier they depend on is gone (blocks drift apart under
+# research/gpu/emulate.sh, so a missing grid-wide barrier lets a block read a stale h).
+
+EMULATE = ROOT / "research" / "gpu" / "emulate.sh"
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="no C++ compiler (g++ or $CXX) for the emulator")
+LF_ARGS = ["--check", "--threads", "32", "--smem-kb", "0", "--steps", "16"]
+# A small emulated GPU: the prototype's small-grid and chunked-K paths, several tiles per warp.
+PP_ENV = {"FASTLSTM_EMU_SMS": "8", "FASTLSTM_EMU_SMEM_KB": "40"}
+PP_ARGS = ["--emu", "--steps", "3"]
+
+
+def _emulate(program, args, env):
+    proc = subprocess.run(["bash", str(EMULATE), str(program), *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: a check failed; else a crash
+    return proc.returncode, proc.stdout
+
+
+def _mutant(tmp_path, name, old, new=""):
+    src = (ROOT / "research" / "gpu" / f"{name}.cu").read_text()
+    assert src.count(old) == 1, old
+    path = tmp_path / f"{name}.cu"
+    path.write_text(src.replace(old, new))
+    return path
+
+
+def _latency_rows(out):
+    # variant -> error counts of its timed rows
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if len(cells) >= 8 and not line.startswith(("#", "variant")) and cells[7].isdigit():
+            rows.setdefault(cells[0], []).append(int(cells[7]))
+    return rows
+
+
+def _prototype_checks(out):
+    # the `check` column of every configuration that ran
+    return [line.split()[11] for line in out.splitlines() if line.startswith(("fp32-", "bf16-"))
+            and "SKIPPED" not in line]
+
+
+@needs_cxx
+def test_latency_floor_on_the_emulator():
+    rc, out = _emulate("latency_floor", LF_ARGS, {"FASTLSTM_EMU_SMS": "16"})
+    rows = _latency_rows(out)
+    assert rc == 0 and "# OK" in out, out
+    assert {"launch+h", "graph+h", "coop+h", "flag+h", "cluster-2+h", "cluster-8+h"} <= set(rows), out
+    assert all(e == 0 for v, errs in rows.items() if "control" not in v for e in errs), out
+    # The negative control (no barrier at all) sees stale values: the check can see a missing one.
+    assert rows["nobarrier+h(control)"][0] > 0, out
+
+
+@needs_cxx
+def test_persistent_prototype_on_the_emulator():
+    rc, out = _emulate("persistent_prototype", PP_ARGS, PP_ENV)
+    checks = _prototype_checks(out)
+    assert rc == 0 and "# OK" in out and len(checks) >= 20 and set(checks) == {"ok"}, out
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_emulated_checks_catch_a_missing_barrier(tmp_path):
+    # The flag barrier's wait removed: every flag row of the latency floor sees stale values (the
+    # others none), and every configuration of the prototype misses its error bound.
+    wait = "    while (load_acquire(counter) < target) {\n    }\n"
+    rc, out = _emulate(_mutant(tmp_path, "latency_floor", wait), LF_ARGS, {"FASTLSTM_EMU_SMS": "16"})
+    rows = _latency_rows(out)
+    assert rc == 1 and all(e > 0 for v, errs in rows.items() if v.startswith("flag") for e in errs), out
+    assert all(e == 0 for v, errs in rows.items() if v.startswith(("coop", "cluster")) for e in errs), out
+    # The cluster barrier removed: every cluster row.
+    sync = "    cluster.sync();\n    if constexpr (kExchange) {\n      // Rank by rank"
+    rc, out = _emulate(_mutant(tmp_path, "latency_floor", sync, sync.replace("    cluster.sync();\n", "")),
+                       LF_ARGS, {"FASTLSTM_EMU_SMS": "16"})
+    rows = _latency_rows(out)
+    assert rc == 1 and all(e > 0 for v, errs in rows.items() if v.startswith("cluster") for e in errs), out
+    assert all(e == 0 for v, errs in rows.items() if v.startswith("flag") for e in errs), out
+    wait = "      while (load_acquire(p.counter) < target) {\n      }\n"
+    rc, out = _emulate(_mutant(tmp_path, "persistent_prototype", wait), PP_ARGS, PP_ENV)
+    checks = _prototype_checks(out)
+    assert rc == 1 and len(checks) >= 20 and set(checks) == {"FAIL"}, out
