@@ -11,16 +11,15 @@ ratio of each one's fastest round, the least disturbed by other load.
         [--json out.json]
 """
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, load_impl  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
 
 
 def decoder(cell, x, h, c, steps, train):
@@ -36,17 +35,7 @@ def decoder(cell, x, h, c, steps, train):
                 h, c = cell(x, (h, c))
 
 
-CLOCK = time.perf_counter
-
-
-def time_once(fn, reps):
-    start = CLOCK()
-    for _ in range(reps):
-        fn()
-    return (CLOCK() - start) / reps
-
-
-def measure(B, H, train, steps, rounds, dtype, impl):
+def measure(B, H, train, steps, rounds, dtype, impl, clock):
     torch.manual_seed(0)
     ref = torch.nn.LSTMCell(H, H, dtype=dtype)
     fast = impl.LSTMCell(H, H, dtype=dtype)
@@ -55,26 +44,25 @@ def measure(B, H, train, steps, rounds, dtype, impl):
     h0, c0 = torch.zeros(B, H, dtype=dtype), torch.zeros(B, H, dtype=dtype)
     fns = {"torch": lambda: decoder(ref, x, h0, c0, steps, train),
            "fastlstm": lambda: decoder(fast, x, h0, c0, steps, train)}
-    # Enough repetitions per round for about 20 ms of work.
     for fn in fns.values():
-        fn()
-    reps = max(1, int(0.02 / max(time_once(fns["torch"], 2), 1e-6)))
-    ratios, times = [], {"torch": [], "fastlstm": []}
-    for r in range(rounds):
-        order = ("torch", "fastlstm") if r % 2 == 0 else ("fastlstm", "torch")
-        t = {name: time_once(fns[name], reps) for name in order}
-        ratios.append(t["torch"] / t["fastlstm"])
-        for name in t:
-            times[name].append(t[name])
+        timing.warm_up(fn, clock=clock)
+    # The same number of calls per block for both, enough for about 20 ms of torch's work.
+    calls = timing.calls_per_block(timing.time_block(fns["torch"], 2, clock=clock), 0.02)
+    t = timing.interleaved(fns, rounds, calls, clock=clock)
+    ratios = [a / b for a, b in zip(t["torch"].seconds, t["fastlstm"].seconds)]
     return {
         "B": B, "H": H, "mode": "train" if train else "inference", "steps": steps,
-        "torch_us_per_step": 1e6 * statistics.median(times["torch"]) / steps,
-        "fastlstm_us_per_step": 1e6 * statistics.median(times["fastlstm"]) / steps,
+        "torch_us_per_step": 1e6 * t["torch"].median / steps,
+        "fastlstm_us_per_step": 1e6 * t["fastlstm"].median / steps,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
-        "ratio_of_min_times": min(times["torch"]) / min(times["fastlstm"]),
+        "ratio_of_min_times": t["torch"].min / t["fastlstm"].min,
     }
+
+
+# mode, B, H, torch us/step, fastlstm us/step, ratio (min-max), min/min
+WIDTHS = [9, 4, 5, 14, 17, 22, 8]
 
 
 def main():
@@ -91,33 +79,30 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer rounds (5)")
     p.add_argument("--json", help="write the rows and the environment here")
     args = p.parse_args()
-    impl = load_impl()
+    impl = report.load_impl()
     if args.threads:
         torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    clock = timing.CLOCKS[args.clock]
     dtype = getattr(torch, args.dtype)
     rounds = 5 if args.quick else args.rounds
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"{args.steps} chained steps, {rounds} interleaved rounds, {args.clock} clock; "
           "ratio = torch / fastlstm")
-    print(f"{'mode':>9} {'B':>4} {'H':>5} {'torch us/step':>14} {'fastlstm us/step':>17} "
-          f"{'ratio (min-max)':>22} {'min/min':>8}")
+    print(report.table_row(["mode", "B", "H", "torch us/step", "fastlstm us/step", "ratio (min-max)", "min/min"],
+                           WIDTHS, sep=" "))
     rows = []
     for train in (False, True):
         for B in args.batches:
             for H in args.hidden:
-                r = measure(B, H, train, args.steps, rounds, dtype, impl)
+                r = measure(B, H, train, args.steps, rounds, dtype, impl, clock)
                 rows.append(r)
-                print(f"{r['mode']:>9} {B:>4} {H:>5} {r['torch_us_per_step']:>14.1f} "
-                      f"{r['fastlstm_us_per_step']:>17.1f} {r['ratio_median']:>8.2f} "
-                      f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
-                      f"{r['ratio_of_min_times']:>8.2f}",
-                      flush=True)
+                cells = [r["mode"], B, H, f"{r['torch_us_per_step']:.1f}", f"{r['fastlstm_us_per_step']:.1f}",
+                         f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+                         f"{r['ratio_of_min_times']:.2f}"]
+                print(report.table_row(cells, WIDTHS, sep=" "), flush=True)
     if args.json:
-        env = environment(torch.device("cpu"), impl)
-        with open(args.json, "w") as f:
-            json.dump({**env, "dtype": args.dtype, "clock": args.clock, "rows": rows}, f, indent=1)
+        env = report.environment(torch.device("cpu"), impl)
+        report.write_json(args.json, env, rows, dtype=args.dtype, clock=args.clock)
         print(f"wrote {args.json}")
 
 

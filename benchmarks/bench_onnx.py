@@ -11,16 +11,14 @@ ONNX LSTM node, which onnxruntime runs as one kernel; with proj_size it is a Sca
 its message). Writes onnx.json to --out.
 """
 import argparse
-import json
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
 
-import _common
+import report
+import timing
 
 # name, T, B, I, H, proj_size
 SHAPES = [
@@ -82,18 +80,10 @@ def measure(name, T, B, I, H, proj, rounds, tmp):
 
     runs["fastlstm_eager"] = eager(fast)
     runs["torch_eager"] = eager(ref)
-    times = {label: [] for label in runs}
-    for fn in runs.values():  # warm-up
-        for _ in range(3):
-            fn()
-    labels = list(runs)
-    for r in range(rounds):
-        for label in labels if r % 2 == 0 else labels[::-1]:
-            t0 = time.perf_counter()
-            runs[label]()
-            times[label].append(time.perf_counter() - t0)
-    for label, ts in times.items():
-        row[f"{label}_ms"] = statistics.median(ts) * 1e3
+    for fn in runs.values():
+        timing.warm_up(fn, min_calls=3)
+    for label, samples in timing.interleaved(runs, rounds, calls=1).items():
+        row[f"{label}_ms"] = samples.median * 1e3
     return row
 
 
@@ -103,9 +93,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
     import onnxruntime
-    module = _common.load_impl()
+    module = report.load_impl()
     device = torch.device("cpu")
-    env = _common.environment(device, module)
+    env = report.environment(device, module)
     env["onnxruntime"] = onnxruntime.__version__
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,11 +117,9 @@ def main(argv=None):
                 else:
                     print(f"    {label}: ops {row[label + '_ops']}, max |onnxruntime - fastlstm eager| "
                           f"{row[label + '_max_abs_err']:.2g}")
-    out = args.out or _common.default_out_dir(device)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "onnx.json"), "w") as f:
-        json.dump({**env, "rows": rows}, f, indent=1)
-    print(f"wrote {os.path.join(out, 'onnx.json')}")
+    path = os.path.join(args.out or report.default_out_dir(device), "onnx.json")
+    report.write_json(path, env, rows)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

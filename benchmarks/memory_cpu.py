@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-import _common
+import report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
@@ -43,7 +43,7 @@ def maxrss_bytes():
 
 
 def lstm_class(impl_name, module_name):
-    return torch.nn.LSTM if impl_name == "torch" else _common.load_impl(module_name).LSTM
+    return torch.nn.LSTM if impl_name == "torch" else report.load_impl(module_name).LSTM
 
 
 def training_step(model, x):
@@ -113,7 +113,7 @@ def child(args):
         "rss_before_bytes": rss_before,
     }
     if args.child != "torch":
-        result["fastlstm_backend"] = _common.impl_backend(sys.modules[args.impl_module], "cpu")
+        result["fastlstm_backend"] = report.impl_backend(sys.modules[args.impl_module], "cpu")
     print(json.dumps(result))
 
 
@@ -137,7 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
-    impl = _common.load_impl(args.impl_module)
+    impl = report.load_impl(args.impl_module)
     shape = dict(T=args.T, B=args.B, I=args.I, H=args.H, layers=args.layers, bidirectional=args.bidirectional)
     rows = []
     for name in ("torch", "fastlstm"):
@@ -151,7 +151,7 @@ def main(argv=None):
         rows.append(dict(shape, dtype=args.dtype, **json.loads(proc.stdout.strip().splitlines()[-1])))
 
     header = ["impl", "saved (MiB)", "saved activations (MiB)", "graph after fwd (MiB)", "step peak (MiB)", "node"]
-    lines = [header]
+    lines = []
     for r in rows:
         peak = f"{r['step_peak_bytes'] / MIB:.1f}" + (" (hidden)" if r["step_peak_hidden"] else "")
         lines.append(
@@ -164,15 +164,11 @@ def main(argv=None):
                 r["grad_fn"],
             ]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print(
         f"one training step, T={args.T} B={args.B} I={args.I} H={args.H} layers={args.layers}"
         f"{' bidirectional' if args.bidirectional else ''} {args.dtype}, {args.threads} threads"
     )
-    for k, line in enumerate(lines):
-        print("  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print(report.format_table(header, lines, left={0, len(header) - 1}))
     torch_row, fast_row = rows
     def ratio(key):
         return fast_row[key] / max(torch_row[key], 1)
@@ -184,14 +180,10 @@ def main(argv=None):
     )
 
     device = torch.device("cpu")
-    env = _common.environment(device, impl)
+    env = report.environment(device, impl)
     env["threads"] = args.threads
-    out_dir = args.out or _common.default_out_dir(device)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "memory_cpu.json")
-    with open(path, "w") as f:
-        json.dump(dict(env, rows=rows), f, indent=2)
-        f.write("\n")
+    path = os.path.join(args.out or report.default_out_dir(device), "memory_cpu.json")
+    report.write_json(path, env, rows)
     print(f"wrote {path}")
 
 

@@ -139,6 +139,32 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 }
 uint32_t shfl_u32(unsigned mask, uint32_t value, int src_lane, Site site);
 
+// ---- What the standalone programs in research/gpu use besides (tests/emu/host_api.h) ----
+
+// A launch with `dynamic_shared_bytes` of dynamic shared memory per block and thread-block clusters
+// of `cluster` consecutive blocks along x (1: none). A cluster launch runs one cluster at a time.
+cudaError_t launch_ex(dim3 grid, dim3 block, bool cooperative, std::size_t dynamic_shared_bytes,
+                      unsigned cluster, const std::function<void()>& body);
+// The emulated GPU's SM count: FASTLSTM_EMU_SMS, default 132 (a cooperative launch's block limit).
+unsigned sm_count();
+// The calling block's dynamic shared memory (`extern __shared__`), nullptr when the launch has none.
+void* dynamic_shared();
+// Thread-block clusters: size, the calling block's rank, the address p (in the calling block's
+// dynamic shared memory) in the block of rank `rank` (map_shared_rank), and the cluster's barrier.
+unsigned cluster_size();
+unsigned cluster_rank();
+void* cluster_shared(void* p, unsigned rank);
+void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE());
+// Called by a thread each time it polls memory that other threads write (a hand-made barrier):
+// every other runnable thread runs before it polls again.
+void spin_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE());
+// mma.m16n8k8 with TF32 A/B (fp32 bit patterns, the low 13 bits ignored) and fp32 C/D.
+void mma_m16n8k8_tf32_f32(float* d, const uint32_t* a, const uint32_t* b, Site site);
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  mma_m16n8k8_tf32_f32(d, a, b, Site{file, line});
+}
+
 }  // namespace fastlstm_emu
 
 #define threadIdx (::fastlstm_emu::g_index->thread_idx)

@@ -10,6 +10,13 @@
 // - warp collectives (mma, shuffles, __syncwarp): all 32 lanes at the same call;
 // - grid_sync: every thread of the grid, in a cooperative launch;
 // - static shared memory at most 48 KiB per block, threads and grid within CUDA's limits.
+//
+// For the standalone programs in research/gpu (tests/emu/host_api.h): dynamic shared memory,
+// thread-block clusters (run one cluster at a time: cluster_sync is the barrier of its blocks, and
+// a block reaches the others' dynamic shared memory), threads that spin-wait on memory another
+// block writes (spin_wait: the spinning thread lets every other runnable thread run first), a
+// TF32 mma, and FASTLSTM_EMU_DRIFT=1: blocks resident together leave their __syncthreads in random
+// halves, so that they drift apart and a missing grid-wide barrier changes the results.
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -137,12 +144,29 @@ uint64_t seed_from_env() {
   return v ? std::strtoull(v, nullptr, 10) : 0;
 }
 
+unsigned sms_from_env() {
+  const char* v = std::getenv("FASTLSTM_EMU_SMS");
+  if (v == nullptr) return 132;
+  const long n = std::strtol(v, nullptr, 10);
+  if (n < 1 || n > 1024) fail("FASTLSTM_EMU_SMS must be an SM count in [1, 1024], got '%s'", v);
+  return static_cast<unsigned>(n);
+}
+
+bool drift_from_env() {
+  const char* v = std::getenv("FASTLSTM_EMU_DRIFT");
+  if (v == nullptr || std::string(v) == "0") return false;
+  if (std::string(v) == "1") return true;
+  fail("FASTLSTM_EMU_DRIFT must be 0 or 1, got '%s'", v);
+}
+
 struct Options {
   Order thread_order = order_from_env("FASTLSTM_EMU_THREAD_ORDER");
   Order block_order = order_from_env("FASTLSTM_EMU_BLOCK_ORDER");
   std::mt19937_64 rng{seed_from_env()};
-  // Blocks a cooperative launch may have resident (an H100's SM count, one block per SM).
-  unsigned max_cooperative_blocks = 132;
+  // Blocks a cooperative launch may have resident (an H100's SM count unless FASTLSTM_EMU_SMS
+  // says otherwise, one block per SM).
+  unsigned max_cooperative_blocks = sms_from_env();
+  bool drift = drift_from_env();
 };
 
 Options& options() {
@@ -155,7 +179,7 @@ void apply_order(std::vector<int>& v, Order order) {
   if (order == Order::kShuffle) std::shuffle(v.begin(), v.end(), options().rng);
 }
 
-enum class Wait { kRunnable, kBlock, kWarp, kGrid, kDone };
+enum class Wait { kRunnable, kBlock, kWarp, kGrid, kDone, kSpin, kCluster };
 
 const char* wait_name(Wait w) {
   switch (w) {
@@ -164,6 +188,8 @@ const char* wait_name(Wait w) {
     case Wait::kWarp: return "a warp collective";
     case Wait::kGrid: return "grid_sync";
     case Wait::kDone: return "returned";
+    case Wait::kSpin: return "a spin-wait";
+    case Wait::kCluster: return "cluster_sync";
   }
   return "?";
 }
@@ -188,6 +214,8 @@ struct BlockState {
   std::vector<const std::type_info*> types;
   std::size_t shared_bytes = 0;
   std::vector<WarpState> warps;
+  void* dynamic = nullptr;  // the launch's dynamic shared memory, this block's
+  unsigned rank = 0;        // within its cluster
 };
 
 struct Fiber {
@@ -197,7 +225,7 @@ struct Fiber {
   Wait wait = Wait::kRunnable;
   Site site{nullptr, 0};
   int64_t arrivals = 0;     // waits of the current kind so far, this one included
-  int64_t per_kind[5] = {};  // waits so far, by kind (block barriers, warp collectives, grid)
+  int64_t per_kind[7] = {};  // waits so far, by kind (block barriers, warp collectives, grid, ...)
   int block = 0;       // index into Launch::blocks
   int linear_tid = 0;  // within the block
   int shared_next = 0; // this thread's next shared declaration
@@ -209,6 +237,8 @@ std::size_t stack_bytes() { return EMU_ASAN ? (1u << 20) : (256u << 10); }
 struct Launch {
   dim3 grid, block;
   bool cooperative = false;
+  std::size_t dynamic_bytes = 0;
+  unsigned cluster = 1;  // blocks per cluster; a cluster launch has one cluster resident at a time
   const std::function<void()>* body = nullptr;
   std::vector<BlockState> blocks;
   std::vector<Fiber> fibers;
@@ -294,9 +324,12 @@ bool release(Launch& l, int first, int count, int threads_per_block) {
   bool released = false;
   for (int w0 = first; w0 < first + count; w0 += kWarp) {
     const int n = std::min(kWarp, first + count - w0);
-    int at_warp = 0;
-    for (int i = 0; i < n; ++i) at_warp += l.fibers[w0 + i].wait == Wait::kWarp;
-    if (at_warp == 0) continue;
+    int at_warp = 0, spinning = 0;
+    for (int i = 0; i < n; ++i) {
+      at_warp += l.fibers[w0 + i].wait == Wait::kWarp;
+      spinning += l.fibers[w0 + i].wait == Wait::kSpin;
+    }
+    if (at_warp == 0 || spinning) continue;  // a spinning lane reaches the collective later
     for (int i = 0; i < n; ++i) {
       const Fiber& f = l.fibers[w0 + i];
       if (!same_place(f, l.fibers[w0]) || n != kWarp) {
@@ -313,10 +346,14 @@ bool release(Launch& l, int first, int count, int threads_per_block) {
   }
   if (released) return true;
   // Block barriers.
+  std::vector<int> complete;
   for (int b0 = first; b0 < first + count; b0 += threads_per_block) {
-    int at_block = 0;
-    for (int i = 0; i < threads_per_block; ++i) at_block += l.fibers[b0 + i].wait == Wait::kBlock;
-    if (at_block == 0) continue;
+    int at_block = 0, spinning = 0;
+    for (int i = 0; i < threads_per_block; ++i) {
+      at_block += l.fibers[b0 + i].wait == Wait::kBlock;
+      spinning += l.fibers[b0 + i].wait == Wait::kSpin;
+    }
+    if (at_block == 0 || spinning) continue;  // a spinning thread reaches the barrier later
     for (int i = 0; i < threads_per_block; ++i) {
       const Fiber& f = l.fibers[b0 + i];
       if (!same_place(f, l.fibers[b0])) {
@@ -326,18 +363,35 @@ bool release(Launch& l, int first, int count, int threads_per_block) {
              static_cast<long long>(l.launch_id), describe(l, w).c_str(), describe(l, o).c_str());
       }
     }
+    complete.push_back(b0);
+  }
+  if (options().drift && complete.size() > 1) {
+    // Each block leaves with probability 1/2 (one at least): the others wait another round.
+    std::vector<int> leaving;
+    for (int b0 : complete) {
+      if (options().rng() & 1) leaving.push_back(b0);
+    }
+    if (leaving.empty()) leaving.push_back(complete[options().rng() % complete.size()]);
+    complete.swap(leaving);
+  }
+  for (int b0 : complete) {
     for (int i = 0; i < threads_per_block; ++i) l.fibers[b0 + i].wait = Wait::kRunnable;
     released = true;
   }
   if (released) return true;
-  // Grid barrier.
-  int at_grid = 0;
-  for (int i = first; i < first + count; ++i) at_grid += l.fibers[i].wait == Wait::kGrid;
-  if (at_grid == 0) return false;
+  // Grid barrier (a cooperative launch) or cluster barrier (the resident cluster's blocks).
+  int at_grid = 0, spinning = 0;
+  for (int i = first; i < first + count; ++i) {
+    at_grid += l.fibers[i].wait == Wait::kGrid || l.fibers[i].wait == Wait::kCluster;
+    spinning += l.fibers[i].wait == Wait::kSpin;
+  }
+  if (at_grid == 0 || spinning) return false;
+  const bool cluster = l.fibers[first].wait == Wait::kCluster;
   for (int i = first; i < first + count; ++i) {
     const Fiber& f = l.fibers[i];
-    if (!same_place(f, l.fibers[first]) || !l.cooperative) {
-      fail("grid_sync not reached by every thread of a cooperative launch (launch %lld): %s",
+    if (!same_place(f, l.fibers[first]) || (cluster ? l.cluster == 1 : !l.cooperative)) {
+      fail(cluster ? "cluster_sync not reached by every thread of the cluster (launch %lld): %s"
+                   : "grid_sync not reached by every thread of a cooperative launch (launch %lld): %s",
            static_cast<long long>(l.launch_id), describe(l, f).c_str());
     }
   }
@@ -348,22 +402,34 @@ bool release(Launch& l, int first, int count, int threads_per_block) {
 // Runs fibers [first, first + count) (whole blocks) to completion.
 void run_resident(Launch& l, int first, int count, int threads_per_block) {
   std::vector<int> order(count);
+  // Rounds in which only spin-waits ran and nothing was released: some are normal (a thread polls
+  // before the writer has run), very many mean nothing will ever change.
+  constexpr int64_t kMaxIdleRounds = 100000;
+  int64_t idle_rounds = 0;
   for (;;) {
     for (int i = 0; i < count; ++i) order[i] = first + i;
     apply_order(order, options().thread_order);
-    bool any = false;
+    bool progress = false, spinning = false;
     for (int i : order) {
-      if (l.fibers[i].wait == Wait::kRunnable) {
+      const Wait before = l.fibers[i].wait;
+      if (before == Wait::kRunnable || before == Wait::kSpin) {
         run_fiber(l, l.fibers[i]);
-        any = true;
+        progress |= before == Wait::kRunnable || l.fibers[i].wait != Wait::kSpin;
+        spinning |= l.fibers[i].wait == Wait::kSpin;
       }
     }
-    (void)any;
     bool all_done = true;
     for (int i = first; i < first + count; ++i) all_done &= l.fibers[i].wait == Wait::kDone;
     if (all_done) return;
-    if (!release(l, first, count, threads_per_block)) {
+    if (release(l, first, count, threads_per_block)) {
+      idle_rounds = 0;
+    } else if (!spinning) {
       fail("deadlock: no barrier can be released (launch %lld)", static_cast<long long>(l.launch_id));
+    } else if (progress) {
+      idle_rounds = 0;
+    } else if (++idle_rounds > kMaxIdleRounds) {
+      fail("deadlock: threads spin-wait on memory nobody writes and no barrier can be released "
+           "(launch %lld)", static_cast<long long>(l.launch_id));
     }
   }
 }
@@ -380,12 +446,21 @@ char* stack_for(std::size_t i) {
 
 void free_block(BlockState& b) {
   for (void* p : b.arrays) std::free(p);
+  std::free(b.dynamic);
   b = BlockState();
 }
+
+// Shared memory a block may have in all (an H100's opt-in maximum).
+constexpr std::size_t kSharedLimit = 227 * 1024;
 
 }  // namespace
 
 cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::function<void()>& body) {
+  return launch_ex(grid, block, cooperative, 0, 1, body);
+}
+
+cudaError_t launch_ex(dim3 grid, dim3 block, bool cooperative, std::size_t dynamic_shared_bytes,
+                      unsigned cluster, const std::function<void()>& body) {
   if (g_launch != nullptr) fail("a kernel launched another kernel");
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || block.x > 1024 ||
@@ -396,19 +471,32 @@ cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::func
   if (cooperative && nblocks > options().max_cooperative_blocks) {
     return cudaErrorCooperativeLaunchTooLarge;
   }
+  // Clusters along x only, as many blocks as a GPC may hold (16, the non-portable maximum).
+  if (cluster == 0 || cluster > 16 || grid.x % cluster != 0 || (cluster > 1 && cooperative)) {
+    return cudaErrorInvalidConfiguration;
+  }
+  if (dynamic_shared_bytes > kSharedLimit) return cudaErrorInvalidValue;
   Launch l;
   l.grid = grid;
   l.block = block;
   l.cooperative = cooperative;
+  l.dynamic_bytes = dynamic_shared_bytes;
+  l.cluster = cluster;
   l.body = &body;
   l.launch_id = g_launch_count++;
   g_launch = &l;
   const int tpb = static_cast<int>(threads);
-  const int resident = cooperative ? static_cast<int>(nblocks) : 1;
+  const int resident = cooperative ? static_cast<int>(nblocks) : static_cast<int>(cluster);
 
+  // Whole clusters in the chosen order (of blocks when the cluster is one block), each cluster's
+  // blocks by rank.
+  std::vector<int> cluster_order(nblocks / cluster);
+  for (std::size_t i = 0; i < cluster_order.size(); ++i) cluster_order[i] = static_cast<int>(i);
+  apply_order(cluster_order, options().block_order);
   std::vector<int> block_order(nblocks);
-  for (uint64_t i = 0; i < nblocks; ++i) block_order[i] = static_cast<int>(i);
-  apply_order(block_order, options().block_order);
+  for (uint64_t i = 0; i < nblocks; ++i) {
+    block_order[i] = cluster_order[i / cluster] * static_cast<int>(cluster) + static_cast<int>(i % cluster);
+  }
 
   for (uint64_t g0 = 0; g0 < nblocks; g0 += resident) {
     l.blocks.assign(resident, BlockState());
@@ -417,6 +505,13 @@ cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::func
       const int lin = block_order[g0 + rb];
       const dim3 bidx(lin % grid.x, (lin / grid.x) % grid.y, lin / (grid.x * grid.y));
       l.blocks[rb].warps.resize((tpb + kWarp - 1) / kWarp);
+      l.blocks[rb].rank = static_cast<unsigned>(lin) % cluster;
+      if (dynamic_shared_bytes > 0) {
+        // Exactly its size, NaN bytes, as for static shared arrays.
+        l.blocks[rb].dynamic = std::malloc(dynamic_shared_bytes);
+        if (l.blocks[rb].dynamic == nullptr) fail("out of memory");
+        std::memset(l.blocks[rb].dynamic, 0xff, dynamic_shared_bytes);
+      }
       for (int t = 0; t < tpb; ++t) {
         Fiber& f = l.fibers[std::size_t(rb) * tpb + t];
         f.block = rb;
@@ -445,6 +540,10 @@ void* shared_alloc(std::size_t bytes, std::size_t align, const std::type_info& t
       fail("static shared memory of %zu bytes exceeds the %zu-byte limit", b.shared_bytes,
            kStaticSharedLimit);
     }
+    if (b.shared_bytes + g_launch->dynamic_bytes > kSharedLimit) {
+      fail("%zu bytes of static and %zu of dynamic shared memory exceed the %zu-byte limit",
+           b.shared_bytes, g_launch->dynamic_bytes, kSharedLimit);
+    }
     void* p = nullptr;
     // Exactly `bytes`, so that AddressSanitizer sees an access one past the end.
     if (posix_memalign(&p, std::max<std::size_t>(align, 16), bytes) != 0) fail("out of memory");
@@ -463,6 +562,50 @@ void grid_sync(const char* file, int line) {
   yield(Wait::kGrid, Site{file, line});
 }
 
+unsigned sm_count() { return options().max_cooperative_blocks; }
+
+namespace {
+Launch& current_launch(const char* what) {
+  if (g_launch == nullptr || g_launch->current == nullptr) fail("%s outside a kernel", what);
+  return *g_launch;
+}
+}  // namespace
+
+void* dynamic_shared() {
+  Launch& l = current_launch("dynamic shared memory");
+  return l.blocks[l.current->block].dynamic;
+}
+
+unsigned cluster_size() { return current_launch("a cluster query").cluster; }
+
+unsigned cluster_rank() {
+  Launch& l = current_launch("a cluster query");
+  return l.blocks[l.current->block].rank;
+}
+
+void* cluster_shared(void* p, unsigned rank) {
+  Launch& l = current_launch("map_shared_rank");
+  const auto* base = static_cast<unsigned char*>(l.blocks[l.current->block].dynamic);
+  const auto* q = static_cast<unsigned char*>(p);
+  if (base == nullptr || q < base || q > base + l.dynamic_bytes) {
+    fail("map_shared_rank of an address outside the block's dynamic shared memory");
+  }
+  const std::size_t offset = static_cast<std::size_t>(q - base);
+  if (rank >= l.cluster) fail("map_shared_rank to rank %u of a cluster of %u", rank, l.cluster);
+  // The resident blocks are one cluster, by rank.
+  return static_cast<unsigned char*>(l.blocks[rank].dynamic) + offset;
+}
+
+void cluster_sync(const char* file, int line) {
+  if (current_launch("cluster_sync").cluster == 1) fail("cluster_sync outside a cluster launch");
+  yield(Wait::kCluster, Site{file, line});
+}
+
+void spin_wait(const char* file, int line) {
+  current_launch("spin_wait");
+  yield(Wait::kSpin, Site{file, line});
+}
+
 namespace {
 
 WarpState& my_warp(int* lane) {
@@ -475,6 +618,20 @@ WarpState& my_warp(int* lane) {
 float element(uint32_t reg, int half, bool bf16) {
   const uint16_t bits = static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu);
   return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+}
+
+// Every lane's D = A B + C of one 16 x 8 tile, from the whole A [16][K], B [K][8] and C.
+template <int K>
+void multiply(WarpState& ws, const float (&A)[16][K], const float (&B)[K][8], const float (&C)[16][8]) {
+  for (int l = 0; l < kWarp; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 4; ++e) {
+      const int m = g + (e / 2) * 8, n = 2 * t + e % 2;
+      double s = 0;
+      for (int k = 0; k < K; ++k) s += double(A[m][k]) * double(B[k][n]);
+      ws.lane[l].d[e] = static_cast<float>(s + double(C[m][n]));
+    }
+  }
 }
 
 // D = A B + C for one m16n8k16 tile from the fragments of all 32 lanes (PTX ISA fragment layouts for
@@ -501,20 +658,40 @@ void compute_mma(WarpState& ws, bool bf16) {
       C[g + 8][2 * t + h] = x.c[2 + h];
     }
   }
-  for (int l = 0; l < kWarp; ++l) {
-    const int g = l / 4, t = l % 4;
-    for (int e = 0; e < 4; ++e) {
-      const int m = g + (e / 2) * 8, n = 2 * t + e % 2;
-      double s = 0;
-      for (int k = 0; k < 16; ++k) s += double(A[m][k]) * double(B[k][n]);
-      ws.lane[l].d[e] = static_cast<float>(s + double(C[m][n]));
-    }
-  }
+  multiply(ws, A, B, C);
 }
 
-}  // namespace
+// The same for .m16n8k8 with .tf32 A/B (the tensor core reads the top 19 bits of each register):
+//   A (16 x 8, row): a0 {row g, k t}, a1 {row g+8, k t}, a2 {row g, k t+4}, a3 {row g+8, k t+4}
+//   B (8 x 8, col):  b0 {k t, col g}, b1 {k t+4, col g};  C, D as above.
+void compute_mma_tf32(WarpState& ws) {
+  auto tf32 = [](uint32_t r) {
+    r &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &r, 4);
+    return f;
+  };
+  float A[16][8], B[8][8], C[16][8];
+  for (int l = 0; l < kWarp; ++l) {
+    const int g = l / 4, t = l % 4;
+    const WarpLane& x = ws.lane[l];
+    A[g][t] = tf32(x.a[0]);
+    A[g + 8][t] = tf32(x.a[1]);
+    A[g][t + 4] = tf32(x.a[2]);
+    A[g + 8][t + 4] = tf32(x.a[3]);
+    B[t][g] = tf32(x.b[0]);
+    B[t + 4][g] = tf32(x.b[1]);
+    for (int h = 0; h < 2; ++h) {
+      C[g][2 * t + h] = x.c[h];
+      C[g + 8][2 * t + h] = x.c[2 + h];
+    }
+  }
+  multiply(ws, A, B, C);
+}
 
-void mma_m16n8k16_f32(float* d, const uint32_t* a, const uint32_t* b, bool bf16, Site site) {
+// A warp-collective mma: deposits this lane's fragments, waits for the warp, takes its result.
+template <typename Compute>
+void warp_mma(float* d, const uint32_t* a, const uint32_t* b, Site site, Compute compute) {
   int lane;
   WarpState& ws = my_warp(&lane);
   WarpLane& x = ws.lane[lane];
@@ -525,10 +702,20 @@ void mma_m16n8k16_f32(float* d, const uint32_t* a, const uint32_t* b, bool bf16,
   // The first lane to resume computes every lane's result; later lanes may already have deposited
   // their next operands, which is why results live apart from operands.
   if (ws.computed != ws.generation) {
-    compute_mma(ws, bf16);
+    compute(ws);
     ws.computed = ws.generation;
   }
   std::memcpy(d, ws.lane[lane].d, sizeof x.d);
+}
+
+}  // namespace
+
+void mma_m16n8k16_f32(float* d, const uint32_t* a, const uint32_t* b, bool bf16, Site site) {
+  warp_mma(d, a, b, site, [bf16](WarpState& ws) { compute_mma(ws, bf16); });
+}
+
+void mma_m16n8k8_tf32_f32(float* d, const uint32_t* a, const uint32_t* b, Site site) {
+  warp_mma(d, a, b, site, compute_mma_tf32);
 }
 
 uint32_t shfl_u32(unsigned mask, uint32_t value, int src_lane, Site site) {

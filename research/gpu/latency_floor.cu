@@ -2,16 +2,15 @@
 // takes when it does nothing but synchronise the blocks that share a recurrence and exchange the
 // h vector between them. Standalone: plain CUDA runtime, no torch, no fastlstm headers.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -o latency_floor benchmarks/gpu/latency_floor.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o latency_floor research/gpu/latency_floor.cu
 //   ./latency_floor [--check] [--csv FILE] [--steps T] [--reps R] [--threads N] [--smem-kb K]
 //
 // STATUS: compiled (sm_90, sm_80) but never run on a GPU when this was written; the first GPU session
-// of issue 14 runs it through benchmarks/gpu/run_latency_floor.sh. Every number it prints is a
-// measurement of that run, nothing here is a result. Its kernels' logic was run under the host
-// emulation (benchmarks/gpu/host_emu.h; no timing meaning, no GPU memory model):
-//   g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/lf_emu
-//       benchmarks/gpu/latency_floor.cu
-//   PP_EMU_SMS=16 /tmp/lf_emu --check --threads 32 --smem-kb 0 --steps 16
+// of issue 14 runs it through research/gpu/run_latency_floor.sh. Every number it prints is a
+// measurement of that run, nothing here is a result. Its kernels' logic runs under the CUDA
+// emulator of tests/emu (no timing meaning, no GPU memory model; research/gpu/README.md):
+//   FASTLSTM_EMU_SMS=16 FASTLSTM_EMU_DRIFT=1 bash research/gpu/emulate.sh latency_floor
+//       --check --threads 32 --smem-kb 0 --steps 16
 // where every row saw its own step's values and the no-barrier control reported errors; with the
 // flag barrier's wait or the cluster.sync() removed, every flag and cluster row reported errors.
 //
@@ -46,13 +45,13 @@
 // clock, UTC date, command line). Exit status: 0 all rows ran without errors; 1 an error count or a
 // CUDA error; 2 no CUDA device; 3 bad arguments.
 
-#ifdef PP_HOST_EMU
-#include "host_emu.h"  // runs the kernels' logic on the CPU (see host_emu.h)
+#ifdef FASTLSTM_EMULATION
+#include "host_api.h"  // tests/emu: runs the kernels' logic on the CPU
 #else
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
-#include "bench_util.h"  // CK, option parsing, UTC time
+#include "bench_util.h"  // CK, option parsing, UTC time, the flag barrier's primitives
 
 #include <algorithm>
 #include <cstdint>
@@ -77,22 +76,9 @@ __host__ __device__ inline uint32_t h_value(int t, int b, int j) {
          static_cast<uint32_t>(j);
 }
 
-#ifdef PP_HOST_EMU
-inline void arrive_release(unsigned* counter) { ++*counter; }
-inline unsigned load_acquire(const unsigned* counter) {
-  emu::yield();  // a spinning thread lets the others run
-  return *counter;
-}
-#define DYNAMIC_SMEM(name) uint32_t* name = reinterpret_cast<uint32_t*>(emu::block_smem())
+#ifdef FASTLSTM_EMULATION
+#define DYNAMIC_SMEM(name) uint32_t* name = static_cast<uint32_t*>(fastlstm_emu::dynamic_shared())
 #else
-__device__ __forceinline__ void arrive_release(unsigned* counter) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
-}
-__device__ __forceinline__ unsigned load_acquire(const unsigned* counter) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-  return v;
-}
 #define DYNAMIC_SMEM(name) extern __shared__ uint32_t name[]
 #endif
 
@@ -224,7 +210,7 @@ __global__ void launch_step(int t, int B, int H, uint32_t* hbuf, uint32_t* flags
 template <bool kExchange>
 __global__ void cluster_steps(int T, int B, int H, unsigned* errors, uint32_t* sink,
                               unsigned* supported) {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(PP_HOST_EMU)
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FASTLSTM_EMULATION)
   DYNAMIC_SMEM(smem);
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
@@ -288,7 +274,7 @@ __global__ void cluster_steps(int T, int B, int H, unsigned* errors, uint32_t* s
 // Spins for about `ns` nanoseconds of %globaltimer and reports the SM cycles that took: the clock
 // the SMs actually ran at (they idle far below their maximum between runs).
 __device__ __forceinline__ uint64_t globaltimer_ns() {
-#ifdef PP_HOST_EMU
+#ifdef FASTLSTM_EMULATION
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                    std::chrono::steady_clock::now().time_since_epoch())
                                    .count());
@@ -315,18 +301,16 @@ __global__ void clock_probe(uint64_t ns, unsigned long long* out) {
 template <class... A>
 cudaError_t launch_coop(void (*kernel)(A...), dim3 grid, dim3 block, void** args, size_t smem,
                         cudaStream_t stream) {
-#ifdef PP_HOST_EMU
-  (void)stream;
-  return emu::launch_args(kernel, grid, block, args, smem);
+#ifdef FASTLSTM_EMULATION
+  return cudaLaunchCooperativeKernel(kernel, grid, block, args, smem, stream);
 #else
   return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, smem, stream);
 #endif
 }
 template <class... A, class... V>
 cudaError_t launch_plain(void (*kernel)(A...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, V... v) {
-#ifdef PP_HOST_EMU
-  (void)stream;
-  return emu::launch_values(kernel, grid, block, smem, 1, v...);
+#ifdef FASTLSTM_EMULATION
+  return fastlstm_emu::launch_on(stream, kernel, grid, block, smem, v...);
 #else
   kernel<<<grid, block, smem, stream>>>(v...);
   return cudaGetLastError();
@@ -501,6 +485,17 @@ struct Bench {
     CK(cudaGraphDestroy(graph));
   }
 
+  // A launch of G blocks in clusters of C, with attr[0] set to the cluster size. Built by
+  // position: under the emulator gridDim and blockDim are macros (tests/emu/emu.h), so the
+  // config's members cannot be named.
+  cudaLaunchConfig_t cluster_config(int G, int C, size_t smem, cudaStream_t s, cudaLaunchAttribute* attr) const {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = C;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    return cudaLaunchConfig_t{dim3(G), dim3(opt.threads), smem, s, attr, 1};
+  }
+
   template <bool kExchange>
   void run_cluster(int C, int G, int B, int H) {
     Row row("cluster-" + std::to_string(C) + (kExchange ? "+h" : ""), G, C,
@@ -510,18 +505,8 @@ struct Bench {
       return;
     }
     const size_t smem = smem_bytes(B, H, C);
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(G > 0 ? G : C);
-    cfg.blockDim = dim3(opt.threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = C;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchConfig_t cfg = cluster_config(G > 0 ? G : C, C, smem, stream, attr);
     int max_clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&max_clusters, cluster_steps<kExchange>, &cfg) != cudaSuccess) {
       (void)cudaGetLastError();
@@ -533,7 +518,7 @@ struct Bench {
       // counts, so this can be fewer than SMs / C).
       G = max_clusters * C;
       row.grid = G;
-      cfg.gridDim = dim3(G);
+      cfg = cluster_config(G, C, smem, stream, attr);
       if (G == C) {
         skip(row, "one cluster fills the chip (the single-cluster row)");
         return;
@@ -551,17 +536,8 @@ struct Bench {
   void probe_cluster_support() {
     if (prop.major < 9) return;
     CK(cudaMemset(supported, 0, sizeof(unsigned)));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(2);
-    cfg.blockDim = dim3(opt.threads);
-    cfg.dynamicSmemBytes = smem_bytes(1, 256, 2);
     cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg = cluster_config(2, 2, smem_bytes(1, 256, 2), nullptr, attr);
     CK(cudaLaunchKernelEx(&cfg, cluster_steps<false>, 2, 1, 256, errors, sink, supported));
     CK(cudaDeviceSynchronize());
     unsigned s = 0;
@@ -669,7 +645,7 @@ int main(int argc, char** argv) {
   // clock is read and anything is timed.
   {
     const int G = std::min(sms, 64);
-#ifdef PP_HOST_EMU
+#ifdef FASTLSTM_EMULATION
     int t0 = 0, T = 4, B = 1, H = 256;  // the emulation has no clock to warm up
 #else
     int t0 = 0, T = 100000, B = 1, H = 256;

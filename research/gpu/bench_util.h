@@ -1,6 +1,7 @@
-// Host-side helpers shared by the standalone GPU programs in benchmarks/gpu (latency_floor.cu,
-// persistent_prototype.cu): a CUDA error check, strict integer options, a UTC timestamp. Include it
-// after cuda_runtime.h, or after host_emu.h's stand-ins under PP_HOST_EMU.
+// Helpers shared by the standalone GPU programs in research/gpu (latency_floor.cu,
+// persistent_prototype.cu): a CUDA error check, strict integer options, a UTC timestamp, and the
+// two primitives of their hand-made grid barrier. Include it after cuda_runtime.h, or after
+// tests/emu/host_api.h under FASTLSTM_EMULATION.
 #pragma once
 
 #include <cstdio>
@@ -41,3 +42,22 @@ inline std::string utc_now() {
 }
 
 }  // namespace bench_util
+
+// The flag barrier's arrival (a GPU-scope release: it publishes the writes that came before it)
+// and its poll (a GPU-scope acquire load of the arrival counter).
+#ifdef FASTLSTM_EMULATION
+inline void arrive_release(unsigned* counter) { ++*counter; }
+inline unsigned load_acquire(const unsigned* counter) {
+  fastlstm_emu::spin_wait();  // a spinning thread lets the others run
+  return *counter;
+}
+#else
+__device__ __forceinline__ void arrive_release(unsigned* counter) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+__device__ __forceinline__ unsigned load_acquire(const unsigned* counter) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+  return v;
+}
+#endif

@@ -3,17 +3,16 @@
 // torch, no fastlstm headers; the design is benchmarks/NOTES-gpu.md, section 3.1 (grid mode).
 //
 // STATUS: NEVER RUN ON A GPU. Compiled here for sm_90 and sm_80 without a GPU, and its kernel run
-// under the host emulation below (all three math paths, H 64/128, B 1/3/8/20, chunked K, several
+// under the CUDA emulator (all three math paths, H 64/128, B 1/3/8/20, chunked K, several
 // tiles per warp: every configuration within its error bound; with the grid barrier removed,
 // every one fails). Nothing about its speed, or its correctness on a GPU, is known. The first GPU session runs it through
-// benchmarks/gpu/run_persistent_prototype.sh and records what it prints.
+// research/gpu/run_persistent_prototype.sh and records what it prints.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90 -o persistent_prototype benchmarks/gpu/persistent_prototype.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o persistent_prototype research/gpu/persistent_prototype.cu
 //   ./persistent_prototype [--check] [--steps T] [--reps R] [--csv FILE]
 //
-// Host emulation (no GPU; checks the kernel's logic, not its speed or the memory model; see
-// host_emu.h): g++ -O1 -std=c++17 -DPP_HOST_EMU -x c++ -I benchmarks/gpu -o /tmp/pp_emu
-// benchmarks/gpu/persistent_prototype.cu && /tmp/pp_emu --emu
+// Under the CUDA emulator of tests/emu (no GPU; checks the kernel's logic, not its speed or the
+// memory model; research/gpu/README.md): bash research/gpu/emulate.sh persistent_prototype --emu
 //
 // What one launch does. Block k of G owns hidden units [k U, (k + 1) U) (U = H / G) and keeps the
 // four gate rows of those units of w_hh in shared memory for the whole sequence. Each step it
@@ -37,13 +36,13 @@
 // Exit status: 0 all configurations passed their check; 1 a check failed or a CUDA error;
 // 2 no CUDA device; 3 bad arguments.
 
-#ifdef PP_HOST_EMU
-#include "host_emu.h"  // runs the kernel's logic on the CPU (see host_emu.h); --emu picks its grid
+#ifdef FASTLSTM_EMULATION
+#include "host_api.h"  // tests/emu: runs the kernel's logic on the CPU; --emu picks its grid
 #else
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #endif
-#include "bench_util.h"  // CK, option parsing, UTC time
+#include "bench_util.h"  // CK, option parsing, UTC time, the flag barrier's primitives
 
 #include <algorithm>
 #include <cmath>
@@ -108,31 +107,17 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
-#ifdef PP_HOST_EMU
+#ifdef FASTLSTM_EMULATION
 inline uint32_t tf32_bits(float x) {  // cvt.rna: nearest, ties away from zero, 10 mantissa bits
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return (u + 0x1000u) & 0xFFFFE000u;
-}
-inline void arrive_release(unsigned* counter) { ++*counter; }
-inline unsigned load_acquire(const unsigned* counter) {
-  emu::yield();  // a spinning thread lets the others run
-  return *counter;
 }
 #else
 __device__ __forceinline__ uint32_t tf32_bits(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return r;
-}
-
-__device__ __forceinline__ void arrive_release(unsigned* counter) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
-}
-__device__ __forceinline__ unsigned load_acquire(const unsigned* counter) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
-  return v;
 }
 #endif
 
@@ -172,8 +157,8 @@ template <Math M>
 __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<typename Cfg<M>::T> p) {
   using T = typename Cfg<M>::T;
   constexpr int kPad = Cfg<M>::kPad;
-#ifdef PP_HOST_EMU
-  unsigned char* smem_raw = emu::block_smem();
+#ifdef FASTLSTM_EMULATION
+  unsigned char* smem_raw = static_cast<unsigned char*>(fastlstm_emu::dynamic_shared());
 #else
   extern __shared__ __align__(16) unsigned char smem_raw[];
 #endif
@@ -224,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
           }
         }
       } else {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(PP_HOST_EMU)
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(FASTLSTM_EMULATION)
         const int warp = tid / 32, lane = tid % 32, gid = lane >> 2, tig = lane & 3;
         const int tiles = (R / 16) * (Bp / 8);
         const int slots = kWarps / S;  // warps per K slice
@@ -245,8 +230,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
                 af[3] = *reinterpret_cast<const uint32_t*>(a + 8 * ldw + 8);
                 bf[0] = *reinterpret_cast<const uint32_t*>(bb);
                 bf[1] = *reinterpret_cast<const uint32_t*>(bb + 8);
-#ifdef PP_HOST_EMU
-                emu::mma<true>(d, af, bf);
+#ifdef FASTLSTM_EMULATION
+                fastlstm_emu::mma_m16n8k16<__nv_bfloat16>(d, af, bf);
 #else
                 asm volatile(
                     "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
@@ -264,8 +249,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
                 af[3] = tf32_bits(a[8 * ldw + 4]);
                 bf[0] = tf32_bits(bb[0]);
                 bf[1] = tf32_bits(bb[4]);
-#ifdef PP_HOST_EMU
-                emu::mma<false>(d, af, bf);
+#ifdef FASTLSTM_EMULATION
+                fastlstm_emu::mma_m16n8k8_tf32(d, af, bf);
 #else
                 asm volatile(
                     "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
@@ -331,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward(Params<ty
 // The cooperative launch (every block resident, which the grid barrier needs).
 template <class P>
 cudaError_t launch_coop(void (*kernel)(P), int G, void** args, size_t smem) {
-#ifdef PP_HOST_EMU
-  return emu::launch(kernel, static_cast<unsigned>(G), kThreads, args, smem);
+#ifdef FASTLSTM_EMULATION
+  return cudaLaunchCooperativeKernel(kernel, dim3(G), dim3(kThreads), args, smem);
 #else
   return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(G), dim3(kThreads), args, smem,
                                      nullptr);
@@ -342,6 +327,20 @@ cudaError_t launch_coop(void (*kernel)(P), int G, void** args, size_t smem) {
 template <Math M>
 int batch_width(int B) {
   return M == Math::kFma ? B : (B + 7) / 8 * 8;
+}
+
+// Host-side conversions of the kernel's storage types.
+inline float to_float(float x) { return x; }
+inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+T from_float(float x);
+template <>
+float from_float<float>(float x) {
+  return x;
+}
+template <>
+__nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
 }
 
 float bf16_round(float x) {
@@ -431,8 +430,8 @@ struct Runner {
     for (auto& v : h0) v = bf ? bf16_round(uni(rng) * 0.5f) : uni(rng) * 0.5f;
     for (auto& v : c0) v = uni(rng) * 0.5f;
     std::vector<T> w_t(w.size()), h0_t(h0.size());
-    for (size_t i = 0; i < w.size(); ++i) w_t[i] = static_cast<T>(w[i]);
-    for (size_t i = 0; i < h0.size(); ++i) h0_t[i] = static_cast<T>(h0[i]);
+    for (size_t i = 0; i < w.size(); ++i) w_t[i] = from_float<T>(w[i]);
+    for (size_t i = 0; i < h0.size(); ++i) h0_t[i] = from_float<T>(h0[i]);
 
     T *d_w, *d_hbuf, *d_y;
     float *d_xg, *d_c0, *d_cn;
@@ -465,7 +464,7 @@ struct Runner {
     std::vector<T> y_t(steps * BH);
     CK(cudaMemcpy(y_t.data(), d_y, y_t.size() * sizeof(T), cudaMemcpyDeviceToHost));
     size_t nonfinite = 0;
-    for (const T& v : y_t) nonfinite += !std::isfinite(static_cast<float>(v));
+    for (const T& v : y_t) nonfinite += !std::isfinite(to_float(v));
 
     // float64 reference of the first steps; h rounded to bf16 each step on the bf16 path.
     const int tref = std::min(steps, 8);
@@ -489,7 +488,7 @@ struct Runner {
           double hv = og * std::tanh(c[bj]);
           if (bf) hv = bf16_round(static_cast<float>(hv));
           hn[bj] = hv;
-          const double got = static_cast<float>(y_t[static_cast<size_t>(t) * BH + bj]);
+          const double got = to_float(y_t[static_cast<size_t>(t) * BH + bj]);
           num += (got - hv) * (got - hv);
           den += hv * hv;
         }
