@@ -21,9 +21,18 @@ import glob
 import os
 import platform
 
-import torch
 from setuptools import setup
-from torch.utils import cpp_extension
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ModuleNotFoundError as e:
+    # pip's default isolated build env has no torch (pyproject.toml lists none on purpose: it could
+    # pull a CUDA build): say how to build instead of a bare ImportError.
+    raise ModuleNotFoundError(
+        "fastlstm builds against the torch already installed: install torch first, then build "
+        "without build isolation, e.g. `pip install --no-build-isolation fastlstm` or "
+        "`pip wheel --no-build-isolation --no-deps .`") from e
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -128,7 +137,16 @@ class BuildExtension(cpp_extension.BuildExtension):
             self.build_temp = base
 
 
+def _torch_requirement():
+    """The torch release this build links against (see `dynamic` in pyproject.toml); its local label
+    (+cpu, +cu128) is left out, so any build of that release satisfies it."""
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
+    install_requires=[_torch_requirement()],
+    # The libraries use no Python API (py_limited_api above), so one wheel serves every CPython >= 3.9.
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

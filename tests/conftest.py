@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ import fastlstm
 def pytest_report_header(config):
     return [
         f"torch {torch.__version__}, fastlstm backend: cpu={fastlstm.backend('cpu')}, "
-        f"cuda={fastlstm.backend('cuda') if torch.cuda.is_available() else 'no GPU'}"
+        f"cuda={fastlstm.backend('cuda') if torch.cuda.is_available() else 'no GPU'}",
+        # Which fastlstm the tests import: a checkout's, or an installed wheel's (.ci/package_check.sh).
+        f"fastlstm imported from {os.path.dirname(os.path.abspath(fastlstm.__file__))}",
     ]
 
 
