@@ -7,7 +7,7 @@ For each shape: export fastlstm.LSTM (and torch.nn.LSTM with the same weights) w
 threads as torch uses, check the outputs against eager fastlstm, and time onnxruntime, eager
 fastlstm and eager torch.nn.LSTM in interleaved rounds (medians). Without proj_size the export is an
 ONNX LSTM node, which onnxruntime runs as one kernel; with proj_size it is a Scan over time
-(README, ONNX). A torch.nn.LSTM export that onnxruntime refuses is reported as such (the row keeps
+(docs/deployment.md, ONNX). A torch.nn.LSTM export that onnxruntime refuses is reported as such (the row keeps
 its message). Writes onnx.json to --out.
 """
 import argparse

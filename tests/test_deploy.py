@@ -191,7 +191,7 @@ def test_script_raises_a_clear_error():
 
 
 def test_quantize_dynamic_leaves_fastlstm_in_float_as_documented():
-    # README: quantize_dynamic does not convert fastlstm.LSTM (it is not a torch.nn.LSTM).
+    # docs/deployment.md: quantize_dynamic does not convert fastlstm.LSTM (it is not a torch.nn.LSTM).
     model = torch.nn.Sequential(fastlstm.LSTM(4, 8), torch.nn.Linear(8, 2))
     q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear})
     assert type(q[0]) is fastlstm.LSTM and q[0].weight_ih_l0.dtype == torch.float32
@@ -199,7 +199,7 @@ def test_quantize_dynamic_leaves_fastlstm_in_float_as_documented():
 
 
 def test_replace_lstm_leaves_a_quantized_lstm_alone():
-    # README: for an int8 LSTM, quantize the torch.nn.LSTM model; replace_lstm then keeps it.
+    # docs/deployment.md: for an int8 LSTM, quantize the torch.nn.LSTM model; replace_lstm then keeps it.
     q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(4, 8)),
                                                {torch.nn.LSTM})
     x = torch.randn(5, 2, 4)
