@@ -115,11 +115,11 @@ class LSTM(nn.RNNBase):
         # torch.nn.LSTM's autocast: the padded-input op (aten::lstm.input) runs in the autocast dtype,
         # casting every float32/float16/bfloat16 tensor (never float64); the packed-input op
         # (aten::lstm.data) is not on autocast's list and runs in the input's dtype.
-        autocast_dtype = _autocast_dtype(x.device.type)
+        autocast_dtype = ops.autocast_dtype(x.device.type)
         if autocast_dtype is not None and batch_sizes is None:
-            x = _autocast_cast(x, autocast_dtype)
-            hx = tuple(_autocast_cast(t, autocast_dtype) for t in hx)
-            weights = [_autocast_cast(w, autocast_dtype) for w in weights]
+            x = ops.autocast_cast(x, autocast_dtype)
+            hx = tuple(ops.autocast_cast(t, autocast_dtype) for t in hx)
+            weights = [ops.autocast_cast(w, autocast_dtype) for w in weights]
         _check_dtypes(x, hx, weights)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -176,17 +176,6 @@ def _check_weights(weights: list, names: list[str]) -> list[Tensor]:
     return weights
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # Autocast's eligibility rule: floating point and not float64.
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-
-
 def _check_lengths(lengths, is_batched: bool, batch_size, device: torch.device) -> Tensor:
     if not is_batched:
         raise ValueError("LSTM: lengths needs a batched (3-D) input, got an unbatched (2-D) one")
@@ -237,36 +226,19 @@ def _lstm(
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, B, I] time-major; hx ([L*D, B, P], [L*D, B, H]); weights in torch's _flat_weights order."""
+    run_layer = _layer_runner(x.device)
     per_direction = 2 + 2 * int(has_bias) + int(has_proj)
     h0, c0 = hx
     h_n, c_n = [], []
     layer_input = x
-    exporting = _onnx.is_exporting()
     for layer in range(num_layers):
-        if exporting:  # one ONNX LSTM node per layer (fastlstm/onnx.py)
-            k = layer * num_directions
-            w = [weights[j * per_direction:(j + 1) * per_direction]
-                 for j in range(k, k + num_directions)]
-            layer_input, h, c = _onnx.lstm_layer(
-                layer_input, h0[k:k + num_directions], c0[k:k + num_directions], w, has_bias,
-                has_proj, lengths)
-            h_n.extend(h.unbind(0))
-            c_n.extend(c.unbind(0))
-        else:
-            outputs = []
-            for direction in range(num_directions):
-                k = layer * num_directions + direction
-                w = weights[k * per_direction:(k + 1) * per_direction]
-                b_ih, b_hh = (_as_bias(w[2]), _as_bias(w[3])) if has_bias else (None, None)
-                w_hr = w[-1] if has_proj else None
-                out, h, c = ops.lstm_layer(
-                    layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
-                    reverse=direction == 1,
-                )
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        k = layer * num_directions
+        w = [_direction_weights(weights[j * per_direction:(j + 1) * per_direction], has_bias)
+             for j in range(k, k + num_directions)]
+        layer_input, h, c = run_layer(layer_input, h0[k:k + num_directions],
+                                      c0[k:k + num_directions], w, has_bias, has_proj, lengths)
+        h_n.append(h)
+        c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     if (num_directions == 1 and layer_input.dtype == torch.float64
@@ -276,7 +248,39 @@ def _lstm(
         # the caller gets a copy, at the cost of one copy of the output. (A trace records it whatever
         # the grad mode, so that the graph does not depend on it.)
         layer_input = layer_input.clone()
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
+    return layer_input, torch.cat(h_n), torch.cat(c_n)
+
+
+def _layer_runner(device: torch.device):
+    """How each layer runs, chosen once per forward: while torch.onnx.export traces, as ONNX
+    operators (fastlstm/onnx.py); otherwise each direction as fastlstm's op, or where it has no
+    kernel for ``device``, as fastlstm.reference. Each runner takes one layer, all directions:
+    (x [T, B, I], h0 [D, B, P], c0 [D, B, H], weights [D][...], has_bias, has_proj, lengths) and
+    returns (output [T, B, D*P], h_n [D, B, P], c_n [D, B, H])."""
+    if _onnx.is_exporting():
+        return _onnx.lstm_layer
+    layer = ops.layer_function(device)
+
+    def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths):
+        outputs, h_n, c_n = [], [], []
+        for d, w in enumerate(weights):
+            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            out, h, c = layer(x, h0[d], c0[d], w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None,
+                              lengths, d == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+        return output, torch.stack(h_n), torch.stack(c_n)
+
+    return run_directions
+
+
+def _direction_weights(w: list[Tensor], has_bias: bool) -> list[Tensor]:
+    # w_ih, w_hh, then b_ih, b_hh with has_bias, then w_hr with has_proj.
+    if not has_bias:
+        return list(w)
+    return [w[0], w[1], _as_bias(w[2]), _as_bias(w[3]), *w[4:]]
 
 
 def _as_bias(b: Tensor) -> Tensor:
