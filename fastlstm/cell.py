@@ -48,9 +48,19 @@ class LSTMCell(nn.RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        _check_hx_pair(hx)
         h, c = lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
                          self.bias_hh)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
+
+def _check_hx_pair(hx) -> None:
+    # What torch.nn.LSTMCell's kernel call (torch._VF.lstm_cell) raises for an hx that is not a
+    # pair: its argument parser's TypeError, then its own RuntimeError.
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                        f"{type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")

@@ -353,3 +353,41 @@ def test_fallback_paths_match_torch_lstm_cell(monkeypatch, path, dtype):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, **TOL[dtype])
     assert calls, f"the {path} path was not taken"
+
+
+def _bad_hx():
+    z = torch.zeros(2, 4)
+    return {
+        "stacked tensor": (torch.randn(2, 3), torch.zeros(2, 2, 4)),
+        "2-D tensor": (torch.randn(2, 3), z),
+        "three tensors": (torch.randn(2, 3), (z, z, z)),
+        "one tensor": (torch.randn(2, 3), (z,)),
+        "empty tuple": (torch.randn(2, 3), ()),
+        "unbatched, one tensor": (torch.randn(3), (torch.zeros(4),)),
+        "a None in hx": (torch.randn(2, 3), (None, z)),
+        "an int": (torch.randn(2, 3), 5),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_hx()))
+def test_hx_that_is_not_a_pair_raises_like_torch(case):
+    # The exception type and message of torch 2.13's LSTMCell, whichever part of it raises.
+    x, hx = _bad_hx()[case]
+    fast, ref = make_cells(3, 4, torch.float32)
+    with pytest.raises(Exception) as want:
+        ref(x, hx)
+    with pytest.raises(type(want.value)) as got:
+        fast(x, hx)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("hx", [[torch.ones(2, 4), torch.ones(2, 4)],
+                                (torch.ones(4), torch.ones(4), torch.ones(4))],
+                         ids=["list", "unbatched_three_tensors"])
+def test_hx_forms_torch_accepts(hx):
+    # A list pair runs; so does a 3-tuple with unbatched input (torch.nn.LSTMCell takes hx[0] and
+    # hx[1] of it before its kernel sees the pair).
+    fast, ref = make_cells(3, 4, torch.float32)
+    x = torch.randn(2, 3) if isinstance(hx, list) else torch.randn(3)
+    for g, w in zip(fast(x, hx), ref(x, hx)):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
