@@ -140,6 +140,32 @@ def autocast_cast(x, dtype: torch.dtype):
     return x.to(dtype) if isinstance(x, Tensor) and _autocast_eligible(x.dtype) else x
 
 
+def _onednn_support() -> dict[str, bool]:
+    # Whether torch's oneDNN runs 16-bit LSTMs on this CPU (ATen's mkldnn_bf16_device_check and
+    # mkldnn_fp16_device_check, which honour ONEDNN_MAX_CPU_ISA); fixed for the process, read once.
+    if not torch.backends.mkldnn.is_available():
+        return {"built": False, "bf16": False, "fp16": False}
+    probes = torch.ops.mkldnn
+    return {"built": True, "bf16": bool(probes._is_mkldnn_bf16_supported()),
+            "fp16": bool(probes._is_mkldnn_fp16_supported())}
+
+
+_ONEDNN = _onednn_support()
+
+
+def torch_lstm_uses_onednn(x: Tensor, has_proj: bool) -> bool:
+    """Whether torch.nn.LSTM runs ``x`` (its input, or a PackedSequence's data whose batch sizes are
+    all equal) through oneDNN rather than its step-by-step ATen implementation: ATen's use_mkldnn
+    (aten/src/ATen/native/RNN.cpp). The two paths differ in what autocast does, and, for a packed
+    input, in what batch sizes they accept."""
+    if has_proj or x.device.type != "cpu" or x.numel() == 0 or not _ONEDNN["built"]:
+        return False
+    if not torch.backends.mkldnn.enabled:
+        return False
+    return (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN["bf16"])
+            or (x.dtype == torch.float16 and _ONEDNN["fp16"] and not torch.is_grad_enabled()))
+
+
 if LOADED:
 
     def _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
@@ -281,7 +307,9 @@ if LOADED:
 
     def _register_autocast(device_type: str) -> None:
         # The layer op inside torch.autocast: like torch.library.register_autocast, but casting
-        # (autocast_cast) to the dtype of the current autocast region rather than a fixed one.
+        # (autocast_cast) to the dtype of the current autocast region rather than a fixed one. The
+        # module does not reach it: it casts by torch.nn.LSTM's rule and calls the op with
+        # autocast off.
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
         op = torch.ops.fastlstm.lstm_layer_forward.default
