@@ -69,18 +69,18 @@ class LSTM(nn.RNNBase):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _check_batch_sizes(batch_sizes)
             autocast = ops.autocast_dtype(data.device.type)
-            # torch checks a packed input's dtype in its kernel (a RuntimeError, where
-            # check_input would raise a ValueError).
-            _check_dtypes(data, (), weights)
+            if autocast is None:
+                # torch checks a packed input's dtype in its kernel (a RuntimeError, where
+                # check_input would raise a ValueError).
+                _check_dtypes(data, (), weights)
             max_batch_size = _packed_batch_size(batch_sizes)
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
                 self._check_packed_forward_args(data, batch_sizes, hx, max_batch_size)
             else:
                 self.check_input(data, batch_sizes)
-            packed_index, lengths, rows = _packed_layout(
-                batch_sizes, max_batch_size, data,
-                onednn=ops.torch_lstm_uses_onednn(data, self.proj_size > 0))
+            onednn = ops.torch_lstm_uses_onednn(data, self.proj_size > 0)
+            packed_index, lengths, rows = _packed_layout(batch_sizes, max_batch_size, data, onednn)
             steps, total = batch_sizes.shape[0], data.shape[0]
             with _autocast_off(data.device.type, autocast):
                 x = _pad_packed(data if rows == total else data[:rows], packed_index, steps,
@@ -116,6 +116,7 @@ class LSTM(nn.RNNBase):
             if lengths is not None:
                 lengths = _check_lengths(lengths, is_batched, max_batch_size, x.device)
             autocast = ops.autocast_dtype(x.device.type)
+            onednn = autocast is not None and ops.torch_lstm_uses_onednn(x, self.proj_size > 0)
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
             hx = (
@@ -124,13 +125,16 @@ class LSTM(nn.RNNBase):
             )
         if batch_sizes is None:
             self.check_forward_args(input, hx, None)
-        # torch.nn.LSTM's autocast: the padded-input op (aten::lstm.input) runs in the autocast dtype,
-        # casting every float32/float16/bfloat16 tensor (never float64); the packed-input op
-        # (aten::lstm.data) is not on autocast's list and runs in the input's dtype.
-        if autocast is not None and batch_sizes is None:
-            x = ops.autocast_cast(x, autocast)
-            hx = tuple(ops.autocast_cast(t, autocast) for t in hx)
-            weights = [ops.autocast_cast(w, autocast) for w in weights]
+        plan = None
+        if autocast is not None:
+            plan = ops.lstm_autocast_dtypes(x, hx, weights, autocast, self.proj_size > 0,
+                                            self.num_layers, self.bidirectional, onednn,
+                                            batch_sizes)
+        if plan is not None:
+            x = ops.autocast_cast(x, plan[0])
+            reverse_input = ops.autocast_cast(reverse_input, plan[0])
+            hx = tuple(ops.autocast_cast(t, plan[0]) for t in hx)
+            weights = [ops.autocast_cast(w, plan[0]) for w in weights]
         _check_dtypes(x, hx, weights)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -140,9 +144,8 @@ class LSTM(nn.RNNBase):
                 x, hx, weights, self.num_layers, num_directions, self.bias,
                 self.proj_size > 0, self.dropout, self.training, lengths, reverse_input,
             )
-            if autocast is not None and batch_sizes is None and self.proj_size > 0:
-                # What torch.nn.LSTM returns: with a projection its cell state comes back in float32.
-                c_n = c_n.float()
+            if plan is not None and plan[1] is not None:
+                c_n = c_n.to(plan[1])
             if batch_sizes is not None:
                 output = PackedSequence(_pack_padded(output, packed_index), batch_sizes,
                                         sorted_indices, unsorted_indices)
@@ -208,8 +211,8 @@ def _check_weights(weights: list, names: list[str]) -> list[Tensor]:
 
 
 def _autocast_off(device_type: str, autocast: torch.dtype | None):
-    # The module casts by torch.nn.LSTM's rule itself: the ops inside it (the layer op, index_copy,
-    # cat, stack) must not be cast again.
+    # The module casts by torch.nn.LSTM's rule (ops.lstm_autocast_dtypes) itself: the ops inside it
+    # (the layer op, index_copy, cat, stack) must not be cast again.
     if autocast is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

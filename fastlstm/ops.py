@@ -1,7 +1,8 @@
 """Python side of fastlstm's ops, and every rule about them in one place: which device has a kernel
 (the probes), the differentiable wrappers of the layer and cell ops with their fallback to
 fastlstm.reference, the cell-state dtype, the fake (meta) implementations that torch.compile and
-torch.export trace with, the vmap rule, and autocast (the cast rule, and the op's own kernel). Autograd is registered in C++ (csrc/autograd), so that it also exists in a C++
+torch.export trace with, the vmap rule, and autocast (the op's own kernel and torch.nn.LSTM's rule
+for the module). Autograd is registered in C++ (csrc/autograd), so that it also exists in a C++
 program without Python. The modules (fastlstm/lstm.py, fastlstm/cell.py) only compose these."""
 from __future__ import annotations
 
@@ -166,6 +167,98 @@ def torch_lstm_uses_onednn(x: Tensor, has_proj: bool) -> bool:
             or (x.dtype == torch.float16 and _ONEDNN["fp16"] and not torch.is_grad_enabled()))
 
 
+def lstm_autocast_dtypes(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: list[Tensor],
+    autocast: torch.dtype,
+    has_proj: bool,
+    num_layers: int,
+    bidirectional: bool,
+    onednn: bool,
+    batch_sizes: Tensor | None = None,
+) -> tuple[torch.dtype, torch.dtype | None] | None:
+    """torch.nn.LSTM's dtypes inside ``torch.autocast(x.device.type, dtype=autocast)``:
+    ``(dtype, c_n dtype)``, where every tensor is to be cast with ``autocast_cast(t, dtype)``, the
+    layers run in ``dtype``, output and h_n come back in it and c_n in its own dtype (None: as it
+    comes); or None: no cast at all. Raises RuntimeError where torch.nn.LSTM raises one (mixed
+    dtypes its kernels cannot multiply).
+
+    x [T, B, I] (a PackedSequence's data padded; batch_sizes its batch sizes), hx (h_0, c_0),
+    weights the module's flat weights, onednn: torch_lstm_uses_onednn of the input (of a
+    PackedSequence's data). Which dtypes a PackedSequence gets depends on whether its batch sizes
+    are all equal: data, on which torch.compile(fullgraph=True) stops.
+
+    On the CPU, torch's autocast casts no LSTM op as such, only the operations inside it:
+      * where it runs oneDNN (torch_lstm_uses_onednn; a PackedSequence only when all its batch
+        sizes are equal), every float32/float16/bfloat16 tensor is cast to ``autocast`` and all of
+        output, h_n and c_n come back in it (a float64 tensor among them is an error);
+      * elsewhere (proj_size > 0, float64 or float16 input, unequal batch sizes, oneDNN off), only
+        its matrix products run in ``autocast``: the gates come out in ``autocast`` (float64 if the
+        module, input and h_0 are float64), the cell state c_t in the promotion of the gates' dtype
+        and c_0's, and h_t in the cell state's dtype, or the gates' with a projection.
+    """
+    if x.device.type != "cpu":
+        # CUDA keeps the rule fastlstm has always had there: a padded input runs in ``autocast``,
+        # and with a projection c_n comes back float32; a packed one is not cast.
+        if batch_sizes is not None:
+            return None
+        return autocast, torch.float32 if has_proj else None
+
+    def cast(d: torch.dtype) -> torch.dtype:
+        return autocast if _autocast_eligible(d) else d
+
+    h0, c0 = hx[0].dtype, hx[1].dtype
+    weight_dtypes = [w.dtype for w in weights]
+    if onednn and (batch_sizes is None or _all_equal(batch_sizes)):
+        dtypes = {cast(d) for d in (x.dtype, h0, c0, *weight_dtypes)}
+        _check_autocast(len(dtypes) == 1, "oneDNN's LSTM (which torch.nn.LSTM runs this input "
+                        "on) takes no float64 tensor next to float32/float16/bfloat16 ones", dtypes)
+        return autocast, autocast
+    gates = {cast(d) for d in (x.dtype, h0, *weight_dtypes)}
+    _check_autocast(len(gates) == 1, "the matrix products of input, h_0 and weights need one dtype",
+                    gates)
+    gate = gates.pop()
+    cell = torch.promote_types(gate, c0)
+    hidden = gate if has_proj else cell
+    # The projection multiplies the cell state's output at once; without one, h_t is multiplied at
+    # the next step or by the next layer.
+    if has_proj or x.shape[0] > 1 or num_layers > 1:
+        _check_autocast(cast(cell) == gate, "the cell state (the promotion of the gates' dtype and "
+                        "c_0's) must multiply with the weights", {gate, cell})
+    if bidirectional and batch_sizes is not None and not _all_equal(batch_sizes):
+        # The reverse direction of a packed layer concatenates its state with the initial state of
+        # the sequences that join (torch.cat, which autocast promotes).
+        for pair in ((hidden, h0), (cell, c0)):
+            _check_autocast(_promotable(pair, autocast), "the reverse direction of a packed layer "
+                            "concatenates states whose float16/bfloat16 dtypes autocast cannot "
+                            "promote", set(pair))
+    return hidden, cell
+
+
+def _all_equal(batch_sizes: Tensor) -> bool:
+    return bool((batch_sizes == batch_sizes[0]).all())
+
+
+def _promotable(dtypes, autocast: torch.dtype) -> bool:
+    # at::autocast::prioritize: float64 is ignored, float32 wins, else all must be ``autocast``.
+    current = autocast
+    for d in dtypes:
+        if d == torch.float64:
+            continue
+        if current == torch.float32 or d == torch.float32:
+            current = torch.float32
+        elif not current == d == autocast:
+            return False
+    return True
+
+
+def _check_autocast(ok: bool, why: str, dtypes) -> None:
+    if not ok:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise RuntimeError(f"LSTM under autocast: {why}; got {names} (torch.nn.LSTM raises here too)")
+
+
 if LOADED:
 
     def _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
@@ -308,8 +401,8 @@ if LOADED:
     def _register_autocast(device_type: str) -> None:
         # The layer op inside torch.autocast: like torch.library.register_autocast, but casting
         # (autocast_cast) to the dtype of the current autocast region rather than a fixed one. The
-        # module does not reach it: it casts by torch.nn.LSTM's rule and calls the op with
-        # autocast off.
+        # module does not reach it: it casts by torch.nn.LSTM's rule (lstm_autocast_dtypes) and
+        # calls the op with autocast off.
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
         op = torch.ops.fastlstm.lstm_layer_forward.default
