@@ -154,15 +154,6 @@ INPUT_KINDS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    # Thousands of tiny calls: threads would only add synchronisation (and spin on a busy host).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grid_outcome(module, x, hx, autocast, kind):
     sizes = INPUT_KINDS[kind]
     inp = pack_padded_sequence(x, torch.tensor(sizes)) if sizes is not None else x
@@ -190,6 +181,7 @@ def _host_cannot(outcome) -> bool:
 @pytest.mark.parametrize("kind", list(INPUT_KINDS))
 @pytest.mark.parametrize("autocast", [BF16, torch.float16])
 def test_cpu_autocast_dtype_grid_matches_torch(autocast, kind, layers, one_thread):
+    # (one_thread: thousands of tiny calls, which threads would only slow down on a busy host)
     num_layers, bidirectional = layers
     mismatches, host_cannot = [], []
     for module_dtype, proj in itertools.product(GRID_DTYPES, [0, 3]):
