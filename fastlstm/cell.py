@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .ops import lstm_cell
 
 __all__ = ["LSTMCell", "lstm_cell"]
@@ -49,8 +50,21 @@ class LSTMCell(nn.RNNCellBase):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         _check_hx_pair(hx)
-        h, c = lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                         self.bias_hh)
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        autocast = ops.autocast_dtype(input.device.type)
+        if autocast is None:
+            h, c = lstm_cell(input, hx[0], hx[1], *weights)
+        else:
+            # torch.nn.LSTMCell's dtypes: those of one step of torch.nn.LSTM's step-by-step
+            # implementation.
+            dtype, _ = ops.lstm_autocast_dtypes(
+                input.unsqueeze(0), hx, [w for w in weights if w is not None], autocast,
+                has_proj=False, num_layers=1, bidirectional=False, onednn=False)
+            input, hx, weights = (ops.autocast_cast(input, dtype),
+                                  [ops.autocast_cast(t, dtype) for t in hx],
+                                  [ops.autocast_cast(w, dtype) for w in weights])
+            with torch.autocast(input.device.type, enabled=False):
+                h, c = lstm_cell(input, hx[0], hx[1], *weights)
         if not is_batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

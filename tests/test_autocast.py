@@ -177,6 +177,41 @@ def _host_cannot(outcome) -> bool:
     return isinstance(outcome, RuntimeError) and "could not create a primitive" in str(outcome)
 
 
+@pytest.mark.parametrize("autocast", [BF16, torch.float16])
+def test_cpu_autocast_lstm_cell_dtypes_match_torch(autocast, one_thread):
+    # torch.nn.LSTMCell: cell dtype x input dtype x state dtype (or default), as the LSTM grid.
+    mismatches = []
+    for module_dtype in GRID_DTYPES:
+        torch.manual_seed(0)
+        ref = nn.LSTMCell(4, 5, dtype=module_dtype)
+        fast = fastlstm.LSTMCell(4, 5, dtype=module_dtype)
+        fast.load_state_dict(ref.state_dict())
+        for x_dtype, state in itertools.product(GRID_DTYPES, [None, *GRID_DTYPES]):
+            x = torch.randn(2, 4).to(x_dtype)
+            hx = None if state is None else (torch.randn(2, 5).to(state),
+                                             torch.randn(2, 5).to(state))
+            outcomes = []
+            for cell in (ref, fast):
+                try:
+                    with torch.autocast("cpu", dtype=autocast):
+                        outcomes.append(cell(x, hx))
+                except Exception as e:  # noqa: BLE001 (we compare whatever each raises)
+                    outcomes.append(e)
+            theirs, ours = outcomes
+            case = f"cell {module_dtype}, input {x_dtype}, state {state}"
+            if isinstance(theirs, Exception) or isinstance(ours, Exception):
+                if type(ours) is not type(theirs):
+                    mismatches.append(f"{case}: torch {_describe(theirs)}, fastlstm "
+                                      f"{_describe(ours)}")
+                continue
+            if [t.dtype for t in ours] != [t.dtype for t in theirs]:
+                mismatches.append(f"{case}: torch {_describe(theirs)}, fastlstm {_describe(ours)}")
+            elif not all(torch.allclose(a.double(), b.double(), rtol=0, atol=0.05)
+                         for a, b in zip(ours, theirs)):
+                mismatches.append(f"{case}: values differ")
+    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:40])
+
+
 @pytest.mark.parametrize("layers", [(1, False), (2, True)], ids=["one_layer", "two_bidirectional"])
 @pytest.mark.parametrize("kind", list(INPUT_KINDS))
 @pytest.mark.parametrize("autocast", [BF16, torch.float16])
