@@ -59,7 +59,7 @@ class LSTM(nn.RNNBase):
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         if hx is not None:
             _check_hx_pair(hx)
-        batch_sizes = None
+        batch_sizes = packed_index = reverse_input = None
         sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
@@ -68,17 +68,28 @@ class LSTM(nn.RNNBase):
                                  "which carries its own lengths")
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _check_batch_sizes(batch_sizes)
-            # torch checks a packed input's dtype in its kernel (a RuntimeError, where check_input
-            # would raise a ValueError).
-            _check_dtypes(data, (), weights)
-            max_batch_size = int(batch_sizes[0])
+            autocast = ops.autocast_dtype(data.device.type)
+            if autocast is None:
+                # torch checks a packed input's dtype in its kernel (a RuntimeError, where
+                # check_input would raise a ValueError).
+                _check_dtypes(data, (), weights)
+            max_batch_size = _packed_batch_size(batch_sizes)
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
-                self.check_forward_args(data, hx, batch_sizes)
+                self._check_packed_forward_args(data, batch_sizes, hx, max_batch_size)
             else:
                 self.check_input(data, batch_sizes)
-            packed_index, lengths = _packed_index(batch_sizes, data.device)
-            x = _pad_packed(data, batch_sizes, packed_index)
+            onednn = ops.torch_lstm_uses_onednn(data, self.proj_size > 0)
+            packed_index, lengths, rows = _packed_layout(batch_sizes, max_batch_size, data, onednn)
+            steps, total = batch_sizes.shape[0], data.shape[0]
+            with _autocast_off(data.device.type, autocast):
+                x = _pad_packed(data if rows == total else data[:rows], packed_index, steps,
+                                max_batch_size)
+                if self.bidirectional and rows != total:
+                    # torch.nn.LSTM's reverse direction reads the rows of batch sizes that sum to
+                    # fewer rows than the data from the data's end (its forward one, from the start).
+                    reverse_input = _pad_packed(data[total - rows:], packed_index, steps,
+                                                max_batch_size)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -104,6 +115,8 @@ class LSTM(nn.RNNBase):
             x = input.transpose(0, 1) if self.batch_first else input
             if lengths is not None:
                 lengths = _check_lengths(lengths, is_batched, max_batch_size, x.device)
+            autocast = ops.autocast_dtype(x.device.type)
+            onednn = autocast is not None and ops.torch_lstm_uses_onednn(x, self.proj_size > 0)
         if hx is None:
             shape = (self.num_layers * num_directions, max_batch_size)
             hx = (
@@ -112,39 +125,60 @@ class LSTM(nn.RNNBase):
             )
         if batch_sizes is None:
             self.check_forward_args(input, hx, None)
-        # torch.nn.LSTM's autocast: the padded-input op (aten::lstm.input) runs in the autocast dtype,
-        # casting every float32/float16/bfloat16 tensor (never float64); the packed-input op
-        # (aten::lstm.data) is not on autocast's list and runs in the input's dtype.
-        autocast_dtype = _autocast_dtype(x.device.type)
-        if autocast_dtype is not None and batch_sizes is None:
-            x = _autocast_cast(x, autocast_dtype)
-            hx = tuple(_autocast_cast(t, autocast_dtype) for t in hx)
-            weights = [_autocast_cast(w, autocast_dtype) for w in weights]
+        plan = None
+        if autocast is not None:
+            plan = ops.lstm_autocast_dtypes(x, hx, weights, autocast, self.proj_size > 0,
+                                            self.num_layers, self.bidirectional, onednn,
+                                            batch_sizes)
+        if plan is not None:
+            x = ops.autocast_cast(x, plan[0])
+            reverse_input = ops.autocast_cast(reverse_input, plan[0])
+            hx = tuple(ops.autocast_cast(t, plan[0]) for t in hx)
+            weights = [ops.autocast_cast(w, plan[0]) for w in weights]
         _check_dtypes(x, hx, weights)
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        with torch.autocast(x.device.type, enabled=False) if autocast_dtype is not None else (
-                contextlib.nullcontext()):
+        with _autocast_off(x.device.type, autocast):
             output, h_n, c_n = _lstm(
                 x, hx, weights, self.num_layers, num_directions, self.bias,
-                self.proj_size > 0, self.dropout, self.training, lengths,
+                self.proj_size > 0, self.dropout, self.training, lengths, reverse_input,
             )
-        if autocast_dtype is not None and batch_sizes is None and self.proj_size > 0:
-            # What torch.nn.LSTM returns: with a projection its cell state comes back in float32.
-            c_n = c_n.float()
-
-        if batch_sizes is not None:
-            output = PackedSequence(
-                _pack_padded(output, packed_index), batch_sizes, sorted_indices, unsorted_indices
-            )
-            return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+            if plan is not None and plan[1] is not None:
+                c_n = c_n.to(plan[1])
+            if batch_sizes is not None:
+                output = PackedSequence(_pack_padded(output, packed_index), batch_sizes,
+                                        sorted_indices, unsorted_indices)
+                return output, self.permute_hidden((h_n, c_n), unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
+
+    def _check_packed_forward_args(self, data: Tensor, batch_sizes: Tensor,
+                                   hx: tuple[Tensor, Tensor], batch_size) -> None:
+        """check_forward_args for a PackedSequence, with torch's messages. Its batch size
+        (batch_sizes[0]) is data to torch.compile, which checks the state's against it at run
+        time instead (torch._check)."""
+        self.check_input(data, batch_sizes)
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        for i, (t, size) in enumerate(((hx[0], self.proj_size or self.hidden_size),
+                                       (hx[1], self.hidden_size))):
+            def message(t=t, size=size, i=i):
+                expected = (layers, batch_size, size)
+                return f"Expected hidden[{i}] size {expected}, got {list(t.size())}"
+
+            if t.dim() != 3 or t.shape[0] != layers or t.shape[2] != size:
+                raise RuntimeError(message())
+            if torch.compiler.is_compiling():
+                torch._check(t.shape[1] == batch_size, lambda: _STATE_BATCH_SIZE)
+            elif t.shape[1] != batch_size:
+                raise RuntimeError(message())
+
+
+_STATE_BATCH_SIZE = "the batch size of hx (its size(1)) must be the PackedSequence's batch_sizes[0]"
 
 
 def _check_hx_pair(hx) -> None:
@@ -176,15 +210,12 @@ def _check_weights(weights: list, names: list[str]) -> list[Tensor]:
     return weights
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # Autocast's eligibility rule: floating point and not float64.
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+def _autocast_off(device_type: str, autocast: torch.dtype | None):
+    # The module casts by torch.nn.LSTM's rule (ops.lstm_autocast_dtypes) itself: the ops inside it
+    # (the layer op, index_copy, cat, stack) must not be cast again.
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _check_lengths(lengths, is_batched: bool, batch_size, device: torch.device) -> Tensor:
@@ -235,38 +266,25 @@ def _lstm(
     dropout: float,
     training: bool,
     lengths: Tensor | None,
+    reverse_input: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x [T, B, I] time-major; hx ([L*D, B, P], [L*D, B, H]); weights in torch's _flat_weights order."""
+    """x [T, B, I] time-major; hx ([L*D, B, P], [L*D, B, H]); weights in torch's _flat_weights order;
+    reverse_input [T, B, I]: the first layer's reverse direction's input where it is not x."""
+    run_layer = _layer_runner(x.device)
     per_direction = 2 + 2 * int(has_bias) + int(has_proj)
     h0, c0 = hx
     h_n, c_n = [], []
     layer_input = x
-    exporting = _onnx.is_exporting()
     for layer in range(num_layers):
-        if exporting:  # one ONNX LSTM node per layer (fastlstm/onnx.py)
-            k = layer * num_directions
-            w = [weights[j * per_direction:(j + 1) * per_direction]
-                 for j in range(k, k + num_directions)]
-            layer_input, h, c = _onnx.lstm_layer(
-                layer_input, h0[k:k + num_directions], c0[k:k + num_directions], w, has_bias,
-                has_proj, lengths)
-            h_n.extend(h.unbind(0))
-            c_n.extend(c.unbind(0))
-        else:
-            outputs = []
-            for direction in range(num_directions):
-                k = layer * num_directions + direction
-                w = weights[k * per_direction:(k + 1) * per_direction]
-                b_ih, b_hh = (_as_bias(w[2]), _as_bias(w[3])) if has_bias else (None, None)
-                w_hr = w[-1] if has_proj else None
-                out, h, c = ops.lstm_layer(
-                    layer_input, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, lengths,
-                    reverse=direction == 1,
-                )
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 2)
+        k = layer * num_directions
+        w = [_direction_weights(weights[j * per_direction:(j + 1) * per_direction], has_bias)
+             for j in range(k, k + num_directions)]
+        if layer == 0 and reverse_input is not None:
+            layer_input = (x, reverse_input)
+        layer_input, h, c = run_layer(layer_input, h0[k:k + num_directions],
+                                      c0[k:k + num_directions], w, has_bias, has_proj, lengths)
+        h_n.append(h)
+        c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     if (num_directions == 1 and layer_input.dtype == torch.float64
@@ -276,7 +294,41 @@ def _lstm(
         # the caller gets a copy, at the cost of one copy of the output. (A trace records it whatever
         # the grad mode, so that the graph does not depend on it.)
         layer_input = layer_input.clone()
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
+    return layer_input, torch.cat(h_n), torch.cat(c_n)
+
+
+def _layer_runner(device: torch.device):
+    """How each layer runs, chosen once per forward: while torch.onnx.export traces, as ONNX
+    operators (fastlstm/onnx.py); otherwise each direction as fastlstm's op, or where it has no
+    kernel for ``device``, as fastlstm.reference. Each runner takes one layer, all directions:
+    (x [T, B, I], h0 [D, B, P], c0 [D, B, H], weights [D][...], has_bias, has_proj, lengths) and
+    returns (output [T, B, D*P], h_n [D, B, P], c_n [D, B, H]); the op's runner also takes x as a
+    pair, one input per direction."""
+    if _onnx.is_exporting():
+        return _onnx.lstm_layer
+    layer = ops.layer_function(device)
+
+    def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths):
+        outputs, h_n, c_n = [], [], []
+        inputs = x if isinstance(x, tuple) else (x,) * len(weights)
+        for d, w in enumerate(weights):
+            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            out, h, c = layer(inputs[d], h0[d], c0[d], w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None,
+                              lengths, d == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+        return output, torch.stack(h_n), torch.stack(c_n)
+
+    return run_directions
+
+
+def _direction_weights(w: list[Tensor], has_bias: bool) -> list[Tensor]:
+    # w_ih, w_hh, then b_ih, b_hh with has_bias, then w_hr with has_proj.
+    if not has_bias:
+        return list(w)
+    return [w[0], w[1], _as_bias(w[2]), _as_bias(w[3]), *w[4:]]
 
 
 def _as_bias(b: Tensor) -> Tensor:
@@ -286,21 +338,57 @@ def _as_bias(b: Tensor) -> Tensor:
     return b
 
 
-def _packed_index(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions t * B + b of the packed rows in a padded [T, B] batch, in packed (time-major)
-    order, and the lengths [B]; both built on the CPU from batch_sizes (which lives there), so no
-    data-dependent op runs on the device (none can on meta; on CUDA it would synchronise)."""
-    B = int(batch_sizes[0])
-    present = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
-    index = present.view(-1).nonzero().squeeze(1)
-    return index.to(device), present.sum(0).to(device)
+def _packed_batch_size(batch_sizes: Tensor):
+    """batch_sizes[0], the batch size (an unbacked SymInt under torch.compile)."""
+    if batch_sizes.dim() > 1:  # torch.nn.LSTM fails on it with a TypeError too
+        raise TypeError(f"PackedSequence batch_sizes must be 1-D, got a {batch_sizes.dim()}-D "
+                        "tensor")
+    batch_size = int(batch_sizes[0])  # an IndexError for 0-D or empty ones, as in torch.nn.LSTM
+    torch._check(batch_size >= 0, lambda: "PackedSequence batch_sizes must not be negative")
+    return batch_size
 
 
-def _pad_packed(data: Tensor, batch_sizes: Tensor, index: Tensor) -> Tensor:
+def _packed_layout(batch_sizes: Tensor, batch_size, data: Tensor, onednn: bool):
+    """Where the packed rows go in a padded [T, B] batch: ``(index, lengths, rows)``, index [rows]
+    the positions t * B + b of the first ``rows`` packed rows in packed (time-major) order, lengths
+    [B]; both on the data's device.
+
+    batch_sizes must be non-increasing and not negative and sum to at most the data's rows (what
+    torch.nn.LSTM fails on with a RuntimeError from inside its kernel). Where they sum to fewer,
+    the rows after them are left out, as torch's step-by-step implementation does; its oneDNN one
+    (``onednn``: the input would run on it) fails when the batch sizes are also all equal, and so
+    does this. The checks are tensor asserts and the index is built from the batch sizes with
+    tensor ops, so that torch.compile keeps all of it in one graph; there, the batch sizes must
+    sum to exactly the data's rows (a runtime check), so that the output keeps the data's size."""
+    steps = batch_sizes.shape[0]
+    ends = batch_sizes.cumsum(0)
+    total = ends[steps - 1]
+    ordered = (batch_sizes[1:] <= batch_sizes[:-1]).all() & (batch_sizes[steps - 1] >= 0)
+    torch._assert_async(ordered, "PackedSequence batch_sizes must be non-increasing and not "
+                        "negative")
+    rows = data.shape[0]
+    torch._assert_async(total <= rows, "PackedSequence batch_sizes sum to more rows than its data "
+                        "has")
+    if onednn:
+        torch._assert_async((total == rows) | (batch_sizes != batch_size).any(), (
+            "PackedSequence batch_sizes are all equal but sum to fewer rows than its data has "
+            "(torch.nn.LSTM's oneDNN path, which this input takes, raises on that too)"))
+    if torch.compiler.is_compiling():
+        torch._assert_async(total == rows, "fastlstm.LSTM under torch.compile needs PackedSequence "
+                            "batch_sizes that sum to the number of rows of its data")
+    else:
+        rows = int(total)
+    row = torch.arange(rows)
+    step = torch.searchsorted(ends, row, right=True)
+    index = step * batch_size + row - (ends - batch_sizes)[step]
+    lengths = (batch_sizes.unsqueeze(0) > torch.arange(batch_size).unsqueeze(1)).sum(1)
+    return index.to(data.device), lengths.to(data.device), rows
+
+
+def _pad_packed(data: Tensor, index: Tensor, steps, batch_size) -> Tensor:
     """Packed [N, I] -> padded [T, B, I] (sorted batch order)."""
-    T, B = batch_sizes.numel(), int(batch_sizes[0])
-    padded = data.new_zeros(T * B, *data.shape[1:]).index_copy(0, index, data)
-    return padded.view(T, B, *data.shape[1:])
+    padded = data.new_zeros(steps * batch_size, *data.shape[1:]).index_copy(0, index, data)
+    return padded.view(steps, batch_size, *data.shape[1:])
 
 
 def _pack_padded(x: Tensor, index: Tensor) -> Tensor:

@@ -26,22 +26,17 @@ import sys
 import torch
 from torch import Tensor
 
+from . import reference
+
 __all__ = ["is_exporting", "lstm_layer", "translation_table"]
 
 
 def is_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing the caller (with ``dynamo=False`` too, which cannot
-    export fastlstm: see :func:`lstm_layer`)."""
-    # torch.onnx.export first captures the model with torch.export(strict=False), then, if that
-    # fails, with strict=True, under Dynamo, which treats torch.onnx.is_in_onnx_export() as the
-    # constant False. The exporter's own flag, read directly, is what that function returns and is
-    # seen by Dynamo as it is, so every capture takes the same path (and an unsupported
-    # configuration fails each with the same message, rather than a later, vaguer one).
+    export fastlstm: see :func:`lstm_layer`): ``torch.onnx.is_in_onnx_export()``, which both
+    exporters set."""
     if "torch.onnx" not in sys.modules:  # no export can be running (and importing it costs 0.1 s)
         return False
-    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
-    if flags is not None and getattr(flags, "_is_onnx_exporting", False):
-        return True
     return torch.onnx.is_in_onnx_export()
 
 
@@ -110,30 +105,24 @@ def _projected_layer(
         raise RuntimeError(
             "fastlstm: ONNX export of an LSTM with proj_size > 0 needs torch's scan "
             "(torch._higher_order_ops.scan), which this torch does not have") from e
-    active = None
-    if lengths is not None:
-        steps = torch.arange(x.shape[0], device=x.device, dtype=lengths.dtype)
-        active = (steps.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)  # [T, B, 1]
+    # Without lengths every step is active: one masked recurrence serves both cases.
+    steps = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    active = (steps < (lengths.unsqueeze(0) if lengths is not None else x.shape[0])).unsqueeze(2)
+    active = active.expand(x.shape[0], x.shape[1], 1)  # [T, B, 1]
     outputs, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
         gates_x = x @ w[0].t()  # [T, B, 4H]
         if has_bias:
             gates_x = gates_x + (w[2].reshape(-1) + w[3].reshape(-1))
-        w_hh_t, w_hr_t = w[1].t(), w[-1].t()
 
-        def step(state, xs, w_hh_t=w_hh_t, w_hr_t=w_hr_t):
+        def step(state, xs, w_hh=w[1], w_hr=w[-1]):
             h, c = state
-            g_x, a = xs if active is not None else (xs, None)
-            i, f, g, o = (g_x + h @ w_hh_t).chunk(4, 1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h_new = (torch.sigmoid(o) * torch.tanh(c_new)) @ w_hr_t
-            if a is None:
-                return (h_new, c_new), h_new.clone()  # scan: an output may not alias the state
+            g_x, a = xs
+            h_new, c_new = reference.lstm_step(g_x, h, c, w_hh, w_hr)
             return ((torch.where(a, h_new, h), torch.where(a, c_new, c)),
                     torch.where(a, h_new, 0.0))
 
-        xs = (gates_x, active) if active is not None else gates_x
-        (h, c), out = scan(step, (h0[d], c0[d]), xs, reverse=d == 1)
+        (h, c), out = scan(step, (h0[d], c0[d]), (gates_x, active), reverse=d == 1)
         outputs.append(out)
         h_n.append(h)
         c_n.append(c)
@@ -149,7 +138,6 @@ def translation_table() -> dict:
     from onnxscript import opset18 as op
 
     from ._onnx_scan import lstm_projected_scan as scan
-    from ._onnx_scan import lstm_projected_scan_masked as scan_masked
 
     def lstm_layer_forward(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                            lengths=None, reverse: bool = False, training: bool = True):
@@ -198,16 +186,14 @@ def translation_table() -> dict:
         weights = (op.Transpose(w_hh, perm=[1, 0]), op.Transpose(w_hr, perm=[1, 0]))
         if reverse:
             gates_x = flip(gates_x)
-        if lengths is None:
-            y, h_n, c_n = scan(h0, c0, gates_x, *weights)
-        else:
-            steps = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(input, start=0, end=1)),
-                             op.Constant(value_int=1))
-            active = op.Unsqueeze(op.Less(op.Unsqueeze(steps, axis1),
-                                          op.Unsqueeze(op.Cast(lengths, to=7), axis0)),  # int64
-                                  op.Constant(value_ints=[2]))  # [T, B, 1]
-            y, h_n, c_n = scan_masked(h0, c0, gates_x, flip(active) if reverse else active,
-                                      *weights)
+        # Without lengths every step is active: one masked Scan serves both cases.
+        steps = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(input, start=0, end=1)),
+                         op.Constant(value_int=1))
+        ends = (op.Cast(lengths, to=7) if lengths is not None  # 7: int64
+                else op.Expand(op.Shape(input, start=0, end=1), op.Shape(input, start=1, end=2)))
+        active = op.Unsqueeze(op.Less(op.Unsqueeze(steps, axis1), op.Unsqueeze(ends, axis0)),
+                              op.Constant(value_ints=[2]))  # [T, B, 1]
+        y, h_n, c_n = scan(h0, c0, gates_x, flip(active) if reverse else active, *weights)
         return (flip(y) if reverse else y), h_n, c_n
 
     return {torch.ops.fastlstm.lstm_layer_forward.default: lstm_layer_forward}

@@ -1,9 +1,13 @@
-"""Python side of the ops: the one-layer wrapper, fake (meta) implementations for torch.compile,
-autocast, and a vmap batching rule. Autograd is registered in C++ (csrc/autograd/lstm_autograd.cpp),
-so that it also exists in a C++ program without Python."""
+"""Python side of fastlstm's ops, and every rule about them in one place: which device has a kernel
+(the probes), the differentiable wrappers of the layer and cell ops with their fallback to
+fastlstm.reference, the cell-state dtype, the fake (meta) implementations that torch.compile and
+torch.export trace with, the vmap rule, and autocast (the op's own kernel and torch.nn.LSTM's rule
+for the module). Autograd is registered in C++ (csrc/autograd), so that it also exists in a C++
+program without Python. The modules (fastlstm/lstm.py, fastlstm/cell.py) only compose these."""
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -13,22 +17,26 @@ from ._loader import LOADED
 
 _FORWARD = "fastlstm::lstm_layer_forward"
 _BACKWARD = "fastlstm::lstm_layer_backward"
+_CELL_FORWARD = "fastlstm::lstm_cell_forward"
+_CELL_BACKWARD = "fastlstm::lstm_cell_backward"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _warned_devices: set[str] = set()
 
-
-def _has_kernel(device_type: str) -> bool:
-    if not LOADED:
-        return False
-    if device_type == "meta":
-        return True  # shapes only, from the fake implementations below
-    key = _DISPATCH_KEYS.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD, key)
+LayerFn = Callable[..., "tuple[Tensor, Tensor, Tensor]"]
 
 
-# Kernels register when fastlstm._C loads, so this is fixed from import on (and, being a plain dict,
-# is something torch.compile can read without a graph break).
-_COMPILED = {device_type: _has_kernel(device_type) for device_type in ("cpu", "cuda", "meta")}
+def _probe(op: str) -> dict[str, bool]:
+    """Which device types have a kernel for ``op``. Kernels register when fastlstm._C loads, so this
+    is fixed from import on (and, being a plain dict, is something torch.compile reads without a
+    graph break). "meta" is served by the fake implementations below."""
+    found = {"meta": LOADED}
+    for device_type, key in _DISPATCH_KEYS.items():
+        found[device_type] = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    return found
+
+
+_COMPILED = _probe(_FORWARD)
+_CELL_COMPILED = _probe(_CELL_FORWARD)
 
 
 def backend(device: str | torch.device = "cpu") -> str:
@@ -37,9 +45,18 @@ def backend(device: str | torch.device = "cpu") -> str:
     return "compiled" if _COMPILED.get(torch.device(device).type, False) else "reference"
 
 
-def _compiled_for(device: torch.device) -> bool:
+def cell_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops keep the cell state in (their saved ``cells`` / ``gates``): float32 for
+    float16/bfloat16 input, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def layer_function(device: torch.device) -> LayerFn:
+    """The one-layer function for ``device``, with ``lstm_layer``'s signature: the fused op where it
+    has a kernel, else fastlstm.reference.lstm_layer (saying so once per device type). A module
+    picks it once per forward."""
     if _COMPILED.get(device.type, False):
-        return True
+        return _fused_layer
     if LOADED and device.type not in _warned_devices:
         _warned_devices.add(device.type)
         warnings.warn(
@@ -48,7 +65,7 @@ def _compiled_for(device: torch.device) -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-    return False
+    return reference.lstm_layer
 
 
 def lstm_layer(
@@ -67,17 +84,179 @@ def lstm_layer(
 
     input [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None,
     w_hr [P, H] or None, lengths [B] int64 on the input's device or None; see csrc/fastlstm.cpp."""
-    if _compiled_for(input.device):
-        # training is left to the op's Autograd kernel (None): it saves activations only when a
-        # gradient is needed, also when the call is replayed from a trace or an exported program.
-        out = torch.ops.fastlstm.lstm_layer_forward(
-            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-        return out[0], out[1], out[2]
-    return reference.lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    return layer_function(input.device)(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                        reverse)
 
 
-def _cell_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def _fused_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
+                 reverse=False):
+    # training is left to the op's Autograd kernel (None): it saves activations only when a
+    # gradient is needed, also when the call is replayed from a trace or an exported program.
+    out = torch.ops.fastlstm.lstm_layer_forward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    return out[0], out[1], out[2]
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One differentiable LSTM step: returns ``(h, c)``.
+
+    input [B, I], hx [B, H], cx [B, H], w_ih [4H, I], w_hh [4H, H], b_ih/b_hh [4H] or None. The
+    cell op where it has a kernel; else the layer op with T = 1 (CUDA has no cell kernel: one fused
+    step after the input GEMM); else fastlstm.reference.lstm_cell."""
+    device_type = input.device.type
+    if _CELL_COMPILED.get(device_type, False):
+        h, c, _ = torch.ops.fastlstm.lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return h, c
+    if _COMPILED.get(device_type, False):
+        _, h, c = _fused_layer(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return h, c
+    return reference.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+# ---- autocast ------------------------------------------------------------------------------------
+
+def _autocast_eligible(dtype: torch.dtype) -> bool:
+    # What autocast casts: floating point, not float64.
+    return dtype.is_floating_point and dtype != torch.float64
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the enclosing ``torch.autocast`` region for ``device_type``, or None."""
+    if device_type in _DISPATCH_KEYS and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(x, dtype: torch.dtype):
+    """Autocast's cast: a floating-point tensor other than float64 to ``dtype``; anything else
+    (float64, an integer tensor, None) as it is."""
+    return x.to(dtype) if isinstance(x, Tensor) and _autocast_eligible(x.dtype) else x
+
+
+def _onednn_support() -> dict[str, bool]:
+    # Whether torch's oneDNN runs 16-bit LSTMs on this CPU (ATen's mkldnn_bf16_device_check and
+    # mkldnn_fp16_device_check, which honour ONEDNN_MAX_CPU_ISA); fixed for the process, read once.
+    if not torch.backends.mkldnn.is_available():
+        return {"built": False, "bf16": False, "fp16": False}
+    probes = torch.ops.mkldnn
+    return {"built": True, "bf16": bool(probes._is_mkldnn_bf16_supported()),
+            "fp16": bool(probes._is_mkldnn_fp16_supported())}
+
+
+_ONEDNN = _onednn_support()
+
+
+def torch_lstm_uses_onednn(x: Tensor, has_proj: bool) -> bool:
+    """Whether torch.nn.LSTM runs ``x`` (its input, or a PackedSequence's data whose batch sizes are
+    all equal) through oneDNN rather than its step-by-step ATen implementation: ATen's use_mkldnn
+    (aten/src/ATen/native/RNN.cpp). The two paths differ in what autocast does, and, for a packed
+    input, in what batch sizes they accept."""
+    if has_proj or x.device.type != "cpu" or x.numel() == 0 or not _ONEDNN["built"]:
+        return False
+    if not torch.backends.mkldnn.enabled:
+        return False
+    return (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN["bf16"])
+            or (x.dtype == torch.float16 and _ONEDNN["fp16"] and not torch.is_grad_enabled()))
+
+
+def lstm_autocast_dtypes(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: list[Tensor],
+    autocast: torch.dtype,
+    has_proj: bool,
+    num_layers: int,
+    bidirectional: bool,
+    onednn: bool,
+    batch_sizes: Tensor | None = None,
+) -> tuple[torch.dtype, torch.dtype | None] | None:
+    """torch.nn.LSTM's dtypes inside ``torch.autocast(x.device.type, dtype=autocast)``:
+    ``(dtype, c_n dtype)``, where every tensor is to be cast with ``autocast_cast(t, dtype)``, the
+    layers run in ``dtype``, output and h_n come back in it and c_n in its own dtype (None: as it
+    comes); or None: no cast at all. Raises RuntimeError where torch.nn.LSTM raises one (mixed
+    dtypes its kernels cannot multiply).
+
+    x [T, B, I] (a PackedSequence's data padded; batch_sizes its batch sizes), hx (h_0, c_0),
+    weights the module's flat weights, onednn: torch_lstm_uses_onednn of the input (of a
+    PackedSequence's data). Which dtypes a PackedSequence gets depends on whether its batch sizes
+    are all equal: data, on which torch.compile(fullgraph=True) stops.
+
+    On the CPU, torch's autocast casts no LSTM op as such, only the operations inside it:
+      * where it runs oneDNN (torch_lstm_uses_onednn; a PackedSequence only when all its batch
+        sizes are equal), every float32/float16/bfloat16 tensor is cast to ``autocast`` and all of
+        output, h_n and c_n come back in it (a float64 tensor among them is an error);
+      * elsewhere (proj_size > 0, float64 or float16 input, unequal batch sizes, oneDNN off), only
+        its matrix products run in ``autocast``: the gates come out in ``autocast`` (float64 if the
+        module, input and h_0 are float64), the cell state c_t in the promotion of the gates' dtype
+        and c_0's, and h_t in the cell state's dtype, or the gates' with a projection.
+    """
+    if x.device.type != "cpu":
+        # CUDA keeps the rule fastlstm has always had there: a padded input runs in ``autocast``,
+        # and with a projection c_n comes back float32; a packed one is not cast.
+        if batch_sizes is not None:
+            return None
+        return autocast, torch.float32 if has_proj else None
+
+    def cast(d: torch.dtype) -> torch.dtype:
+        return autocast if _autocast_eligible(d) else d
+
+    h0, c0 = hx[0].dtype, hx[1].dtype
+    weight_dtypes = [w.dtype for w in weights]
+    if onednn and (batch_sizes is None or _all_equal(batch_sizes)):
+        dtypes = {cast(d) for d in (x.dtype, h0, c0, *weight_dtypes)}
+        _check_autocast(len(dtypes) == 1, "oneDNN's LSTM (which torch.nn.LSTM runs this input "
+                        "on) takes no float64 tensor next to float32/float16/bfloat16 ones", dtypes)
+        return autocast, autocast
+    gates = {cast(d) for d in (x.dtype, h0, *weight_dtypes)}
+    _check_autocast(len(gates) == 1, "the matrix products of input, h_0 and weights need one dtype",
+                    gates)
+    gate = gates.pop()
+    cell = torch.promote_types(gate, c0)
+    hidden = gate if has_proj else cell
+    # The projection multiplies the cell state's output at once; without one, h_t is multiplied at
+    # the next step or by the next layer.
+    if has_proj or x.shape[0] > 1 or num_layers > 1:
+        _check_autocast(cast(cell) == gate, "the cell state (the promotion of the gates' dtype and "
+                        "c_0's) must multiply with the weights", {gate, cell})
+    if bidirectional and batch_sizes is not None and not _all_equal(batch_sizes):
+        # The reverse direction of a packed layer concatenates its state with the initial state of
+        # the sequences that join (torch.cat, which autocast promotes).
+        for pair in ((hidden, h0), (cell, c0)):
+            _check_autocast(_promotable(pair, autocast), "the reverse direction of a packed layer "
+                            "concatenates states whose float16/bfloat16 dtypes autocast cannot "
+                            "promote", set(pair))
+    return hidden, cell
+
+
+def _all_equal(batch_sizes: Tensor) -> bool:
+    return bool((batch_sizes == batch_sizes[0]).all())
+
+
+def _promotable(dtypes, autocast: torch.dtype) -> bool:
+    # at::autocast::prioritize: float64 is ignored, float32 wins, else all must be ``autocast``.
+    current = autocast
+    for d in dtypes:
+        if d == torch.float64:
+            continue
+        if current == torch.float32 or d == torch.float32:
+            current = torch.float32
+        elif not current == d == autocast:
+            return False
+    return True
+
+
+def _check_autocast(ok: bool, why: str, dtypes) -> None:
+    if not ok:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        raise RuntimeError(f"LSTM under autocast: {why}; got {names} (torch.nn.LSTM raises here too)")
 
 
 if LOADED:
@@ -128,7 +307,7 @@ if LOADED:
             input.new_empty(B, P),
             input.new_empty(B, H),
             input.new_empty((T, B, 4 * H) if saved else (0,)),
-            input.new_empty((T, B, H) if saved else (0,), dtype=_cell_dtype(input.dtype)),
+            input.new_empty((T, B, H) if saved else (0,), dtype=cell_dtype(input.dtype)),
             input.new_empty(T, B, H) if saved and w_hr is not None else input.new_empty(0),
         )
 
@@ -148,8 +327,8 @@ if LOADED:
             torch._check(t.shape == shape,
                          lambda: f"{name} must have shape {list(shape)}, got {list(t.shape)}")
             _check_device(name, t, input)
-        torch._check(cells.dtype == _cell_dtype(input.dtype),
-                     lambda: f"cells must have dtype {_cell_dtype(input.dtype)}, got {cells.dtype}")
+        torch._check(cells.dtype == cell_dtype(input.dtype),
+                     lambda: f"cells must have dtype {cell_dtype(input.dtype)}, got {cells.dtype}")
 
         # The real op returns contiguous tensors whatever the inputs' strides.
         def like(t, shape=None):
@@ -159,6 +338,25 @@ if LOADED:
             like(input), like(h0), like(c0), like(w_ih), like(w_hh), like(w_ih, w_ih.shape[:1]),
             like(w_hr) if w_hr is not None else like(input, (0,)),
         )
+
+    @torch.library.register_fake(_CELL_FORWARD)
+    def _cell_forward_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        B, H = input.shape[0], w_ih.shape[0] // 4
+        # The kernel's checks that concern shapes, with its (torch.nn.LSTMCell's) messages.
+        torch._check(input.shape[1] == w_ih.shape[1], lambda: (
+            f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}"))
+        for label, t in enumerate((hx, cx)):
+            torch._check(t.shape[0] == B, lambda: (
+                f"Input batch size {B} doesn't match hidden{label} batch size {t.shape[0]}"))
+            torch._check(t.shape[1] == H, lambda: (
+                f"hidden{label} has inconsistent hidden_size: got {t.shape[1]}, expected {H}"))
+        return (input.new_empty(B, H), input.new_empty(B, H),
+                input.new_empty(B, 4 * H, dtype=cell_dtype(input.dtype)))
+
+    @torch.library.register_fake(_CELL_BACKWARD)
+    def _cell_backward_fake(grad_h, grad_c, cx, c, gates):
+        return torch.empty_like(gates, memory_format=torch.contiguous_format), torch.empty(
+            cx.shape, dtype=cx.dtype, device=cx.device)
 
     def _forward_vmap(info, in_dims, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                       reverse, training=None):
@@ -201,22 +399,19 @@ if LOADED:
     torch.library.register_vmap(_FORWARD, _forward_vmap)
 
     def _register_autocast(device_type: str) -> None:
-        # Like torch.library.register_autocast, but casting to the dtype of the current autocast
-        # region (torch.autocast(..., dtype=...)), as torch.nn.LSTM does, rather than a fixed one.
+        # The layer op inside torch.autocast: like torch.library.register_autocast, but casting
+        # (autocast_cast) to the dtype of the current autocast region rather than a fixed one. The
+        # module does not reach it: it casts by torch.nn.LSTM's rule (lstm_autocast_dtypes) and
+        # calls the op with autocast off.
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
         op = torch.ops.fastlstm.lstm_layer_forward.default
-
-        def cast(x, dtype):
-            # Autocast's eligibility rule: floating point and not float64.
-            eligible = isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64
-            return x.to(dtype) if eligible else x
 
         @op.py_impl(getattr(torch._C.DispatchKey, key))
         def _autocast_py_impl(*args):
             dtype = torch.get_autocast_dtype(device_type)
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*(cast(a, dtype) for a in args))
+                return op(*(autocast_cast(a, dtype) for a in args))
 
         def kernel(_, *args):
             return _autocast_py_impl(*args)

@@ -1,12 +1,18 @@
 """Autocast: inside torch.autocast fastlstm returns what torch.nn.LSTM returns.
 
-torch.nn.LSTM's rules (torch 2.13): padded input runs in the autocast dtype, with every float32,
-float16 and bfloat16 tensor cast (input, states, weights; never float64); with proj_size its c_n
-comes back float32; a PackedSequence is not autocast at all. The expected dtypes below are those
-rules, written out, so the tests mean the same on every host: on CPUs without avx512_bf16 torch's
-own LSTM raises under CPU bfloat16 autocast ("could not create a primitive descriptor"), and there
-fastlstm runs. Values are checked against a float64 computation from the same rounded inputs, with
-a bound relative to torch's own error in bfloat16 (plain bfloat16 modules run on every host)."""
+torch.nn.LSTM's rule on the CPU (torch 2.13) comes from the operations inside it, not from the LSTM
+op: where it runs oneDNN (float32 input, or bfloat16 where oneDNN has a bfloat16 LSTM; no
+projection; a PackedSequence only with equal batch sizes) everything is cast to the autocast dtype;
+elsewhere only its matrix products are, and the cell state follows type promotion
+(fastlstm.ops.lstm_autocast_dtypes). test_cpu_autocast_dtype_grid_matches_torch checks the whole
+grid against torch.nn.LSTM at run time, and says which combinations torch cannot run on this host
+(on CPUs without avx512_bf16 its oneDNN path raises "could not create a primitive descriptor",
+where fastlstm runs). The other tests pin common cases: values are checked against a float64
+computation from the same rounded inputs, with a bound relative to torch's own error in bfloat16
+(plain bfloat16 modules run on every host)."""
+import itertools
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +137,130 @@ def test_cuda_autocast_matches_torch_dtypes(dtype):
     mixed = nn.Sequential(nn.Linear(8, 8, device="cuda"), fast)
     with torch.autocast("cuda", dtype=dtype):
         assert mixed(x)[0].dtype == dtype
+
+
+# The dtype grid of torch.nn.LSTM under CPU autocast: module dtype x input dtype x state dtype
+# (None: the default zeros) x autocast dtype x input kind x proj_size (x one layer, or two
+# bidirectional ones). torch's answers are not written down here: each combination is run through
+# torch.nn.LSTM on this host and fastlstm must give the same output/h_n/c_n dtypes, or raise the
+# same exception type. Its rule depends on the host (whether torch's oneDNN runs 16-bit LSTMs),
+# which is why CI runs this file again limited to AVX2.
+GRID_DTYPES = [F32, F64, BF16, torch.float16]
+INPUT_KINDS = {
+    "padded": None,
+    "packed": [3, 2],  # unequal batch sizes: torch's step-by-step implementation
+    "packed_equal_sizes": [3, 3],  # torch runs it as a padded input
+    "padded_onednn_off": None,  # torch.backends.mkldnn.flags(enabled=False)
+}
+
+
+def _grid_outcome(module, x, hx, autocast, kind):
+    sizes = INPUT_KINDS[kind]
+    inp = pack_padded_sequence(x, torch.tensor(sizes)) if sizes is not None else x
+    try:
+        with torch.backends.mkldnn.flags(enabled=kind != "padded_onednn_off"), \
+                torch.autocast("cpu", dtype=autocast):
+            out, (h, c) = module(inp, hx)
+    except Exception as e:  # noqa: BLE001 (we compare whatever each raises)
+        return e
+    return out.data if sizes is not None else out, h, c
+
+
+def _describe(outcome) -> str:
+    if isinstance(outcome, Exception):
+        return f"{type(outcome).__name__}: {str(outcome).splitlines()[0][:100]}"
+    return str([t.dtype for t in outcome])
+
+
+def _host_cannot(outcome) -> bool:
+    # torch's oneDNN has no LSTM primitive for this dtype on this CPU (e.g. bfloat16 on AVX2).
+    return isinstance(outcome, RuntimeError) and "could not create a primitive" in str(outcome)
+
+
+@pytest.mark.parametrize("autocast", [BF16, torch.float16])
+def test_cpu_autocast_lstm_cell_dtypes_match_torch(autocast, one_thread):
+    # torch.nn.LSTMCell: cell dtype x input dtype x state dtype (or default), as the LSTM grid.
+    mismatches = []
+    for module_dtype in GRID_DTYPES:
+        torch.manual_seed(0)
+        ref = nn.LSTMCell(4, 5, dtype=module_dtype)
+        fast = fastlstm.LSTMCell(4, 5, dtype=module_dtype)
+        fast.load_state_dict(ref.state_dict())
+        for x_dtype, state in itertools.product(GRID_DTYPES, [None, *GRID_DTYPES]):
+            x = torch.randn(2, 4).to(x_dtype)
+            hx = None if state is None else (torch.randn(2, 5).to(state),
+                                             torch.randn(2, 5).to(state))
+            outcomes = []
+            for cell in (ref, fast):
+                try:
+                    with torch.autocast("cpu", dtype=autocast):
+                        outcomes.append(cell(x, hx))
+                except Exception as e:  # noqa: BLE001 (we compare whatever each raises)
+                    outcomes.append(e)
+            theirs, ours = outcomes
+            case = f"cell {module_dtype}, input {x_dtype}, state {state}"
+            if isinstance(theirs, Exception) or isinstance(ours, Exception):
+                if type(ours) is not type(theirs):
+                    mismatches.append(f"{case}: torch {_describe(theirs)}, fastlstm "
+                                      f"{_describe(ours)}")
+                continue
+            if [t.dtype for t in ours] != [t.dtype for t in theirs]:
+                mismatches.append(f"{case}: torch {_describe(theirs)}, fastlstm {_describe(ours)}")
+            elif not all(torch.allclose(a.double(), b.double(), rtol=0, atol=0.05)
+                         for a, b in zip(ours, theirs)):
+                mismatches.append(f"{case}: values differ")
+    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:40])
+
+
+@pytest.mark.parametrize("layers", [(1, False), (2, True)], ids=["one_layer", "two_bidirectional"])
+@pytest.mark.parametrize("kind", list(INPUT_KINDS))
+@pytest.mark.parametrize("autocast", [BF16, torch.float16])
+def test_cpu_autocast_dtype_grid_matches_torch(autocast, kind, layers, one_thread):
+    # (one_thread: thousands of tiny calls, which threads would only slow down on a busy host)
+    num_layers, bidirectional = layers
+    mismatches, host_cannot = [], []
+    for module_dtype, proj in itertools.product(GRID_DTYPES, [0, 3]):
+        torch.manual_seed(0)
+        kw = dict(num_layers=num_layers, bidirectional=bidirectional, proj_size=proj,
+                  dtype=module_dtype)
+        ref = nn.LSTM(4, 5, **kw)
+        fast = fastlstm.LSTM(4, 5, **kw)
+        fast.load_state_dict(ref.state_dict())
+        for x_dtype, state in itertools.product(GRID_DTYPES, [None, *GRID_DTYPES]):
+            x = torch.randn(3, 2, 4).to(x_dtype)
+            hx = None
+            if state is not None:
+                D = num_layers * (2 if bidirectional else 1)
+                hx = (torch.randn(D, 2, proj or 5).to(state), torch.randn(D, 2, 5).to(state))
+            case = (f"module {module_dtype}, input {x_dtype}, state {state}, proj_size {proj}")
+            with warnings.catch_warnings():
+                # torch's "projections not supported with oneDNN", and one from mkldnn.flags
+                warnings.simplefilter("ignore")
+                theirs = _grid_outcome(ref, x, hx, autocast, kind)
+                ours = _grid_outcome(fast, x, hx, autocast, kind)
+            if _host_cannot(theirs):
+                # torch took its oneDNN path, which casts every tensor to the autocast dtype (and
+                # returns that on a CPU that runs it); fastlstm runs it so.
+                host_cannot.append(case)
+                if isinstance(ours, Exception) or any(t.dtype != autocast for t in ours):
+                    mismatches.append(f"{case}: torch cannot run it here; fastlstm gave "
+                                      f"{_describe(ours)}")
+                continue
+            if isinstance(theirs, Exception) or isinstance(ours, Exception):
+                if type(ours) is not type(theirs):
+                    mismatches.append(f"{case}: torch {_describe(theirs)}, fastlstm "
+                                      f"{_describe(ours)}")
+                continue
+            dtypes = [t.dtype for t in ours], [t.dtype for t in theirs]
+            if dtypes[0] != dtypes[1]:
+                mismatches.append(f"{case}: torch {dtypes[1]}, fastlstm {dtypes[0]}")
+                continue
+            # The values too, within 16-bit rounding (the two round at different places).
+            for a, b in zip(ours, theirs):
+                if not torch.allclose(a.double(), b.double(), rtol=0, atol=0.05):
+                    mismatches.append(f"{case}: values differ by {(a.double() - b).abs().max()}")
+    if host_cannot:
+        warnings.warn(f"torch.nn.LSTM cannot run {len(host_cannot)} of these combinations on this "
+                      f"host (its oneDNN lacks a {autocast} LSTM); fastlstm's dtypes were checked "
+                      f"against the autocast dtype there, e.g. {host_cannot[0]}", UserWarning)
+    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:40])

@@ -129,6 +129,15 @@ def _bad_calls():
         "3d_hx": (torch.randn(2, 3), (torch.randn(1, 2, 4), torch.randn(2, 4))),
         "3d_cx": (torch.randn(2, 3), (torch.randn(2, 4), torch.randn(1, 2, 4))),
         "unbatched_input_batched_hx": (torch.randn(3), (torch.randn(2, 4), torch.randn(2, 4))),
+        # hx that is not a pair of tensors
+        "hx_stacked_tensor": (torch.randn(2, 3), torch.zeros(2, 2, 4)),
+        "hx_2d_tensor": (torch.randn(2, 3), torch.zeros(2, 4)),
+        "hx_three_tensors": (torch.randn(2, 3), (torch.zeros(2, 4),) * 3),
+        "hx_one_tensor": (torch.randn(2, 3), (torch.zeros(2, 4),)),
+        "hx_empty": (torch.randn(2, 3), ()),
+        "hx_unbatched_one_tensor": (torch.randn(3), (torch.zeros(4),)),
+        "hx_with_none": (torch.randn(2, 3), (None, torch.zeros(2, 4))),
+        "hx_int": (torch.randn(2, 3), 5),
     }
 
 
@@ -328,3 +337,40 @@ def test_bias_gradients_are_distinct_tensors():
     torch._foreach_mul_(grads, 0.5)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, 0.5 * e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("path", ["layer_op", "reference"])
+def test_fallback_paths_match_torch_lstm_cell(monkeypatch, path, dtype):
+    # Without a cell kernel a step runs the layer op with T = 1 (as on CUDA); without either, the
+    # plain-PyTorch step of fastlstm.reference. Both give torch.nn.LSTMCell's results.
+    from fastlstm import ops
+
+    monkeypatch.setitem(ops._CELL_COMPILED, "cpu", False)
+    if path == "reference":
+        monkeypatch.setitem(ops._COMPILED, "cpu", False)
+    target, name = (ops, "_fused_layer") if path == "layer_op" else (ops.reference, "lstm_cell")
+    real, calls = getattr(target, name), []
+    monkeypatch.setattr(target, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    for bias in (True, False):
+        fast, ref = make_cells(5, 7, dtype, bias=bias)
+        x = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+        hx = (torch.randn(3, 7, dtype=dtype, requires_grad=True),
+              torch.randn(3, 7, dtype=dtype, requires_grad=True))
+        got = step_and_grads(fast, x, hx, steps=3)
+        want = step_and_grads(ref, x, hx, steps=3)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL[dtype])
+    assert calls, f"the {path} path was not taken"
+
+
+@pytest.mark.parametrize("hx", [[torch.ones(2, 4), torch.ones(2, 4)],
+                                (torch.ones(4), torch.ones(4), torch.ones(4))],
+                         ids=["list", "unbatched_three_tensors"])
+def test_hx_forms_torch_accepts(hx):
+    # A list pair runs; so does a 3-tuple with unbatched input (torch.nn.LSTMCell takes hx[0] and
+    # hx[1] of it before its kernel sees the pair).
+    fast, ref = make_cells(3, 4, torch.float32)
+    x = torch.randn(2, 3) if isinstance(hx, list) else torch.randn(3)
+    for g, w in zip(fast(x, hx), ref(x, hx)):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])

@@ -119,3 +119,51 @@ def test_dropout_with_one_layer_warns_like_torch():
             cls(4, 6, num_layers=1, dropout=0.3)
         messages.append([str(w.message) for w in caught])
     assert messages[0] and messages[0] == messages[1]
+
+
+# PackedSequence batch sizes that pack_padded_sequence never makes, over 5 rows of data.
+BAD_BATCH_SIZES = {
+    "increasing": [2, 3], "increasing later": [3, 2, 3], "zero then more": [3, 0, 2],
+    "negative": [3, -1, 3], "negative first": [-1],
+    "past the data": [3, 2, 1], "past the data, equal": [3, 3], "past the data, first": [6],
+    "fewer rows": [3, 1], "fewer rows, equal": [2, 2], "fewer rows, one step": [1],
+    "all zero": [0, 0], "trailing zero": [3, 2, 0], "2-D": [[3, 2]],
+}
+# oneDNN's path (float32, no projection) and torch's step-by-step one differ on some of them.
+PACKED_MODULES = {"float32": dict(), "proj_size": dict(proj_size=2),
+                  "float64": dict(dtype=torch.float64),
+                  "bidirectional": dict(num_layers=2, bidirectional=True, proj_size=2)}
+
+
+@pytest.mark.parametrize("module", list(PACKED_MODULES))
+@pytest.mark.parametrize("case", list(BAD_BATCH_SIZES))
+def test_malformed_batch_sizes_like_torch(case, module):
+    # Where torch raises, the same exception type, with a message that names batch_sizes (torch's
+    # comes from deep inside its kernel); where it runs, its results.
+    kw = PACKED_MODULES[module]
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 3, **kw)
+    fast = fastlstm.LSTM(4, 3, **kw)
+    fast.load_state_dict(ref.state_dict())
+    data = torch.randn(5, 4, dtype=kw.get("dtype", torch.float32))
+    packed = PackedSequence(data, torch.tensor(BAD_BATCH_SIZES[case]), None, None)
+    theirs, ours = outcome_of(ref, packed), outcome_of(fast, packed)
+    if isinstance(theirs, Exception):
+        assert type(ours) is type(theirs), (ours, theirs)
+        assert "batch_sizes" in str(ours), ours
+        return
+    assert not isinstance(ours, Exception), (ours, theirs)
+    (out, (h, c)), (want_out, (want_h, want_c)) = ours, theirs
+    assert torch.equal(out.batch_sizes, want_out.batch_sizes)
+    for got, want in ((out.data, want_out.data), (h, want_h), (c, want_c)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def outcome_of(module, packed):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "projections not supported with oneDNN"
+            return module(packed)
+    except Exception as e:  # noqa: BLE001 (we compare whatever each raises)
+        return e

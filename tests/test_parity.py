@@ -179,14 +179,6 @@ def test_low_precision_error_within_torch_error(dtype):
     assert err_ours <= 2 * err_theirs + 1e-3, (err_ours, err_theirs)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("mode", ["padded", "unsorted", "sorted"])
 def test_single_thread_path(one_thread, mode):
     # With one thread a step is a single block and a single matmul call (batch 1: the GEMV path).
