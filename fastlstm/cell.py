@@ -2,7 +2,8 @@
 
 It subclasses ``torch.nn.RNNCellBase`` (as ``torch.nn.LSTMCell`` does), so construction, parameters,
 initialisation, ``state_dict`` and ``repr`` are torch's own. A step is ``fastlstm.ops.lstm_cell``:
-on the CPU the op ``fastlstm::lstm_cell_forward`` (csrc/cpu/lstm_cell_cpu.cpp); on CUDA, which has
+on the CPU the op ``fastlstm::lstm_cell_forward`` (csrc/cpu/cell_cpu.cpp; its autograd in
+csrc/autograd/cell_autograd.cpp); on CUDA, which has
 no dedicated cell kernel, the layer op with T = 1 (one fused step kernel after the input GEMM);
 elsewhere fastlstm.reference's plain-PyTorch step.
 """
