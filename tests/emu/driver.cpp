@@ -3,12 +3,16 @@
 //
 //   driver forward IN OUT     IN holds sizes [T, B, I, H, P], flags [reverse, training, dtype,
 //                             max_xg_elements], x, h0, c0, w_ih, w_hh, optional bias (b_ih + b_hh),
-//                             w_hr, lengths; OUT gets output, h_n, c_n (+ gates, cells, hidden when
-//                             training) and buffers: the element counts forward_buffers asked for
-//                             (xg, chunk, h_state, c_state, output, gates, cells, hidden)
+//                             w_hr, lengths, misalign; OUT gets output, h_n, c_n (rounded to the
+//                             dtype), c_n_acc (the cell type), gates, cells, hidden and xg (all
+//                             steps) when training, and buffers: the element counts forward_buffers
+//                             asked for (xg, chunk, h_state, c_state, output, gates, cells, hidden)
 //   driver backward IN OUT    IN adds grad_output, grad_h_n, grad_c_n, output, gates, cells, hidden;
 //                             OUT gets grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
-//                             grad_bias, grad_w_hr
+//                             grad_bias, grad_w_hr, and the workspaces dG and dh_all
+//
+// misalign (optional, int64 n): every input tensor of the dtype starts n elements past a 16-byte
+// boundary, as a view into a larger tensor may (the kernels must then not use 16-byte loads on it).
 //   driver selftest           checks the emulator itself (grid barrier, shuffles, launch limits)
 //
 // File format: records of name '\0', uint64 byte count, bytes. Every buffer the layer code uses is
@@ -33,27 +37,30 @@ using fastlstm::cuda::AccT;
 }
 
 // An exact-size heap buffer.
+// With `offset`, the n bytes start that many bytes into the allocation (which ends with them).
 struct Buf {
   void* p = nullptr;
   std::size_t n = 0;
+  std::size_t offset = 0;
   Buf() = default;
-  explicit Buf(std::size_t bytes, int fill = 0xff) : n(bytes) {
-    p = bytes ? std::malloc(bytes) : nullptr;
+  explicit Buf(std::size_t bytes, int fill = 0xff, std::size_t offset_ = 0) : n(bytes), offset(offset_) {
+    p = bytes ? std::malloc(bytes + offset) : nullptr;
     if (bytes && !p) die("out of memory");
-    if (bytes) std::memset(p, fill, bytes);
+    if (bytes) std::memset(p, fill, bytes + offset);
   }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  Buf(Buf&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
+  Buf(Buf&& o) noexcept : p(o.p), n(o.n), offset(o.offset) { o.p = nullptr, o.n = 0, o.offset = 0; }
   Buf& operator=(Buf&& o) noexcept {
     std::swap(p, o.p);
     std::swap(n, o.n);
+    std::swap(offset, o.offset);
     return *this;
   }
   ~Buf() { std::free(p); }
   template <typename T>
   T* as() const {
-    return static_cast<T*>(p);
+    return p ? reinterpret_cast<T*>(static_cast<char*>(p) + offset) : nullptr;
   }
 };
 
@@ -187,7 +194,7 @@ void forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& o
                    : fastlstm::cuda::forward_buffers(s, training);
   Buf xg(nb.xg * sizeof(T)), h_state(nb.h_state * sizeof(T)), output(nb.output * sizeof(T));
   Buf gates(nb.gates * sizeof(T)), cells(nb.cells * sizeof(Acc)), hidden(nb.hidden * sizeof(T));
-  std::memcpy(h_state.p, in.need("h0").p, s.B * s.P * sizeof(T));
+  std::memcpy(h_state.p, in.need("h0").as<char>(), s.B * s.P * sizeof(T));
   Buf c_state = to_acc<T>(in.need("c0"));
   if (c_state.n != static_cast<std::size_t>(nb.c_state) * sizeof(Acc)) die("c0 has the wrong size");
   fastlstm::cuda::ForwardArgs<T> a{};
@@ -215,10 +222,12 @@ void forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& o
   out.put("h_n", h_n, s.B * s.P * sizeof(T));
   const std::vector<T> c_n = from_acc<T>(c_state.as<Acc>(), s.B * s.H);
   out.put("c_n", c_n.data(), c_n.size() * sizeof(T));
+  out.put("c_n_acc", c_state.p, c_state.n);
   if (training) {
     out.put("gates", gates.p, gates.n);
     out.put("cells", cells.p, cells.n);
     if (s.has_proj) out.put("hidden", hidden.p, hidden.n);
+    out.put("xg", xg.p, xg.n);  // training projects all steps at once: the kernels' xg input
   }
 }
 
@@ -269,6 +278,21 @@ void backward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& 
   out.put("grad_w_hh", grad_w_hh.p, grad_w_hh.n);
   out.put("grad_bias", grad_bias.p, grad_bias.n);
   if (s.has_proj) out.put("grad_w_hr", grad_w_hr.p, grad_w_hr.n);
+  out.put("dG", dG.p, dG.n);
+  out.put("dh_all", dh_all.p, dh_all.n);
+}
+
+// Moves every input of the dtype `elements` elements past the start of a fresh allocation.
+void misalign(Input& in, int64_t elements, int64_t dtype_code) {
+  const std::size_t elem = dtype_code == 0 ? 8 : dtype_code == 1 ? 4 : 2;
+  for (const char* name : {"x", "h0", "w_ih", "w_hh", "bias", "w_hr", "grad_output", "output",
+                           "gates", "hidden"}) {
+    auto it = in.m.find(name);
+    if (it == in.m.end()) continue;
+    Buf moved(it->second.n, 0xff, elements * elem);
+    std::memcpy(moved.as<char>(), it->second.as<char>(), it->second.n);
+    it->second = std::move(moved);
+  }
 }
 
 template <typename F>
@@ -294,6 +318,7 @@ int main(int argc, char** argv) {
   const Buf& sizes = in.need("sizes");
   const Buf& flags = in.need("flags");
   if (sizes.n != 5 * 8 || flags.n != 4 * 8) die("sizes must be 5 and flags 4 int64");
+  if (const int64_t* mis = in.ptr<int64_t>("misalign")) misalign(in, *mis, flags.as<int64_t>()[2]);
   Writer out(argv[3]);
   with_dtype(flags.as<int64_t>()[2], [&](auto tag) {
     using T = decltype(tag);

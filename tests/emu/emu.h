@@ -75,6 +75,13 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return {static_cast<uint16_t>(u >> 16)};
 }
+// Truncation (round toward zero): not used by the kernels; tests/emu/mutate.py plants it.
+inline __nv_bfloat16 __float2bfloat16_rz(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
+  return {static_cast<uint16_t>(u >> 16)};
+}
 
 namespace fastlstm_emu {
 
@@ -86,8 +93,10 @@ extern ThreadIndex* g_index;
 
 // Runs body once per CUDA thread of the grid. Returns launch-configuration errors as CUDA does;
 // stops the process with a message on a kernel defect (divergent barrier, non-converged warp
-// collective, shared memory over the static limit).
-cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::function<void()>& body);
+// collective, shared memory over the static limit). `kernel` only names the launch in the log
+// that FASTLSTM_EMU_LAUNCH_LOG asks for (runtime.cpp).
+cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::function<void()>& body,
+                        const void* kernel = nullptr);
 
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(bool cooperative, void (*kernel)(Params...), dim3 grid, dim3 block,
@@ -95,7 +104,8 @@ cudaError_t launch_kernel(bool cooperative, void (*kernel)(Params...), dim3 grid
   static_assert(sizeof...(Params) == sizeof...(Args), "wrong number of kernel arguments");
   // By value, like kernel parameters: every thread sees the same copies.
   const std::tuple<std::decay_t<Params>...> params(args...);
-  return launch_body(grid, block, cooperative, [&] { std::apply(kernel, params); });
+  return launch_body(grid, block, cooperative, [&] { std::apply(kernel, params); },
+                     reinterpret_cast<const void*>(kernel));
 }
 
 template <typename... Params, typename... Args>
@@ -144,7 +154,7 @@ uint32_t shfl_u32(unsigned mask, uint32_t value, int src_lane, Site site);
 // A launch with `dynamic_shared_bytes` of dynamic shared memory per block and thread-block clusters
 // of `cluster` consecutive blocks along x (1: none). A cluster launch runs one cluster at a time.
 cudaError_t launch_ex(dim3 grid, dim3 block, bool cooperative, std::size_t dynamic_shared_bytes,
-                      unsigned cluster, const std::function<void()>& body);
+                      unsigned cluster, const std::function<void()>& body, const void* kernel = nullptr);
 // The emulated GPU's SM count: FASTLSTM_EMU_SMS, default 132 (a cooperative launch's block limit).
 unsigned sm_count();
 // The calling block's dynamic shared memory (`extern __shared__`), nullptr when the launch has none.

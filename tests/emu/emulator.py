@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -48,9 +49,10 @@ def _sources(kdir: Path):
     return emu, kernels
 
 
-def build(variant: str = "sm80") -> Path:
+def build(variant: str = "sm80", objects: Path | None = None) -> Path:
     """Path of the driver binary for `variant`, compiled now unless a build of the same sources,
-    flags and compiler is cached."""
+    flags and compiler is cached. `objects`: a directory of compiled units to reuse and add to
+    (see compile_into)."""
     kdir = kernels_dir()
     emu_src, kernel_src = _sources(kdir)
     flags = COMMON + VARIANTS[variant]
@@ -66,39 +68,66 @@ def build(variant: str = "sm80") -> Path:
     if exe.exists():
         return exe
     cache.mkdir(parents=True, exist_ok=True)
-    # The kernels' own directory goes first so that the mutation check's copy is what compiles;
-    # "kernels/lstm_host.h" (driver.cpp) resolves through a directory that holds it as kernels/.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        tmp = Path(tmp)
-        (tmp / "kernels").symlink_to(kdir)
-        inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{tmp}"]
-        # Every .cu file: a new kernel file is emulated (and must compile as C++) without a change here.
-        units = [(EMU / "runtime.cpp", []), (EMU / "driver.cpp", [])] + [
-            (tmp / "kernels" / p.name, ["-x", "c++"]) for p in sorted(kdir.glob("*.cu"))]
-        procs, objs = [], []
-        for i, (src, lang) in enumerate(units):
-            obj = tmp / f"{i}.o"
-            objs.append(obj)
-            procs.append(subprocess.Popen([CXX, *flags, *inc, *lang, "-c", str(src), "-o", str(obj)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        errors = []
-        for p in procs:
-            out, _ = p.communicate()
-            if p.returncode != 0:
-                errors.append(out)
-        if errors:
-            raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
-        link = subprocess.run([CXX, *flags, *map(str, objs), "-o", str(tmp / "driver")],
-                              capture_output=True, text=True)
-        if link.returncode != 0:
-            raise RuntimeError("emulator link failed:\n" + link.stdout + link.stderr)
-        os.replace(tmp / "driver", exe)
+        os.replace(compile_into(Path(tmp), flags, objects), exe)
     # Keep the newest few builds of each variant (other checkouts share the cache).
     old = sorted(cache.glob(f"driver-{variant}-" + "?" * 16), key=lambda p: p.stat().st_mtime,
                  reverse=True)
     for p in old[4:]:
         p.unlink(missing_ok=True)
     return exe
+
+
+def compile_into(out: Path, flags: list, objects: Path | None = None) -> Path:
+    """Compiles the emulator and the kernels of kernels_dir() with `flags` into the directory `out`
+    (objects, and .gcno notes for coverage builds, stay there); returns the driver's path.
+    `objects`: reuse a unit compiled before into that directory when its preprocessed source and the
+    flags are the same (the mutation check changes one kernel file at a time)."""
+    kdir = kernels_dir()
+    # The kernels' own directory goes first so that the mutation check's copy is what compiles;
+    # "kernels/lstm_host.h" (driver.cpp) resolves through a directory that holds it as kernels/.
+    (out / "kernels").symlink_to(kdir)
+    inc = [f"-I{EMU / 'include'}", f"-I{EMU}", f"-I{out}"]
+    # Every .cu file: a new kernel file is emulated (and must compile as C++) without a change here.
+    units = [(EMU / "runtime.cpp", []), (EMU / "driver.cpp", [])] + [
+        (out / "kernels" / p.name, ["-x", "c++"]) for p in sorted(kdir.glob("*.cu"))]
+    keys = [None] * len(units)
+    if objects is not None:
+        objects.mkdir(parents=True, exist_ok=True)
+        # -P: no line markers, so the temporary directory's name does not enter the key.
+        pre = [subprocess.Popen([CXX, *flags, *inc, *lang, "-E", "-P", str(src)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+               for src, lang in units]
+        for i, p in enumerate(pre):
+            text, _ = p.communicate()
+            if p.returncode == 0:
+                keys[i] = hashlib.sha256(" ".join(flags).encode() + b"\0" + text).hexdigest()[:24]
+    procs, objs = [], []
+    for i, (src, lang) in enumerate(units):
+        obj = out / f"{i}.o"
+        objs.append(obj)
+        if keys[i] and (objects / f"{keys[i]}.o").exists():
+            shutil.copyfile(objects / f"{keys[i]}.o", obj)
+            procs.append(None)
+            continue
+        procs.append(subprocess.Popen([CXX, *flags, *inc, *lang, "-c", str(src), "-o", str(obj)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    errors = []
+    for i, p in enumerate(procs):
+        if p is None:
+            continue
+        output, _ = p.communicate()
+        if p.returncode != 0:
+            errors.append(output)
+        elif keys[i]:
+            shutil.copyfile(objs[i], objects / f"{keys[i]}.o")
+    if errors:
+        raise RuntimeError("emulator build failed:\n" + "\n".join(errors))
+    link = subprocess.run([CXX, *flags, *map(str, objs), "-o", str(out / "driver")],
+                          capture_output=True, text=True)
+    if link.returncode != 0:
+        raise RuntimeError("emulator link failed:\n" + link.stdout + link.stderr)
+    return out / "driver"
 
 
 def write_tensors(path: Path, tensors: dict):
@@ -145,6 +174,9 @@ def run(exe: Path, mode: str, tensors: dict, shapes: dict, env: dict | None = No
     for name, (shape, dtype) in shapes.items():
         if name not in raw:
             raise EmulatorError(f"driver wrote no {name}")
+        if not raw[name]:
+            result[name] = torch.empty(shape, dtype=dtype)
+            continue
         t = torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8)
-        result[name] = t.view(dtype).reshape(shape) if t.numel() else torch.empty(shape, dtype=dtype)
+        result[name] = t.view(dtype).reshape(shape)
     return result

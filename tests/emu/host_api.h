@@ -188,7 +188,8 @@ template <typename... P>
 cudaError_t launch_params(cudaStream_t stream, dim3 grid, dim3 block, std::size_t smem, unsigned cluster,
                           bool cooperative, void (*kernel)(P...), std::tuple<std::decay_t<P>...> params) {
   auto run = [=] {
-    return launch_ex(grid, block, cooperative, smem, cluster, [&] { std::apply(kernel, params); });
+    return launch_ex(grid, block, cooperative, smem, cluster, [&] { std::apply(kernel, params); },
+                     reinterpret_cast<const void*>(kernel));
   };
   if (g_capture.graph != nullptr && stream == g_capture.stream) {
     g_capture.graph->launches.push_back(run);

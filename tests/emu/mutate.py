@@ -6,7 +6,7 @@ Exits non-zero if the unmutated kernels fail those checks or if any planted bug 
     python tests/emu/mutate.py            # all mutants
     python tests/emu/mutate.py NAME ...   # some of them
 
-Run by .ci/run. Each mutant costs one build and a few small cases (10-35 s each on two busy cores)."""
+Run by .ci/run. Each mutant costs one build (of the files it changes) and a few small cases."""
 from __future__ import annotations
 
 import os
@@ -38,17 +38,32 @@ class Mutant:
     variant: str = "O0"  # the emulator build (tests/emu/emulator.py, VARIANTS)
 
 
+def _flags(lengths, proj, reverse=False):
+    return (f"{'lengths' if lengths else 'full'}, {'proj' if proj else 'noproj'}"
+            + (", reverse" if reverse else ""))
+
+
+# A check is (description, function(exe)); the description names every argument (the baseline runs
+# each distinct one once).
 def values(dtype, tile, lengths, proj, reverse=False):
     def run(exe):
         case = te.Case(dtype, tile, lengths, proj, reverse)
         te.check_forward(case, exe, True)
         te.check_backward(case, exe)
-    return (f"values vs the CPU op ({te._id(dtype)}, {tile}-row tile)", run)
+    return (f"values vs the CPU op ({te._id(dtype)}, {tile}-row tile, "
+            f"{_flags(lengths, proj, reverse)})", run)
 
 
 def orders(dtype, tile, lengths, proj, reverse=False):
-    return (f"bitwise across thread/block orders ({te._id(dtype)}, {tile}-row tile)",
+    return (f"bitwise across thread/block orders ({te._id(dtype)}, {tile}-row tile, "
+            f"{_flags(lengths, proj, reverse)})",
             lambda exe: te.check_orders(te.Case(dtype, tile, lengths, proj, reverse), exe))
+
+
+def path(dtype, name, lengths, proj):
+    """One of test_emulator.PATH_CASES: values vs the CPU op, then the rounding contract."""
+    return (f"values and rounding, {name} ({te._id(dtype)}, {_flags(lengths, proj)})",
+            lambda exe: te.check_case(te.path_case(dtype, name, lengths, proj), exe))
 
 
 MUTANTS = [
@@ -88,6 +103,66 @@ MUTANTS = [
            "h[k % 2], h[(k + 1) % 2]",
            "h[k % 2], h[k % 2]",
            [orders(torch.float32, 8, False, False), values(torch.float32, 8, False, False)]),
+    # 16-bit precision: the values checks above compare with the CPU op within a multiple of its
+    # own error and pass all of these; the rounding contract (tests/emu/rounding.py) does not.
+    Mutant("cell-state-16bit", "keeps the cell state in the 16-bit input type",
+           "lstm_forward.cu",
+           "const Acc cn = f * c_state[bj] + i * g;",
+           "const Acc cn = to_acc(from_acc<T>(f * c_state[bj] + i * g));",
+           [path(torch.float16, "b7-h72-p56", True, True)]),
+    Mutant("matmul-sum-16bit", "keeps the tensor-core product's running sum in 16 bits",
+           "lstm_device.cuh",
+           "mma_16816<T>(dm[g], af, bf);",
+           "mma_16816<T>(dm[g], af, bf);\n"
+           "          for (int e = 0; e < 4; ++e) dm[g][e] = to_acc(from_acc<T>(dm[g][e]));",
+           [path(torch.float16, "b7-h72-p56", False, False)]),
+    Mutant("bfloat16-truncation", "converts to bfloat16 by truncation, not to nearest even",
+           "lstm_device.cuh",
+           "return __float2bfloat16_rn(x);",
+           "return __float2bfloat16_rz(x);",
+           [path(torch.bfloat16, "b7-h72-p56", True, True)]),
+    Mutant("preactivation-16bit", "rounds the forget gate's pre-activation to 16 bits",
+           "lstm_forward.cu",
+           "const Acc f = sigmoid(acc[1][c][r] + to_acc(xg[bg + H]));",
+           "const Acc f = sigmoid(to_acc(from_acc<T>(acc[1][c][r] + to_acc(xg[bg + H]))));",
+           [path(torch.float16, "b7-h72-p56", False, True)]),
+    Mutant("cell-update-16bit-gates", "updates c from the gates rounded to 16 bits",
+           "lstm_forward.cu",
+           "const Acc cn = f * c_state[bj] + i * g;",
+           "const Acc cn = to_acc(from_acc<T>(f)) * c_state[bj] + "
+           "to_acc(from_acc<T>(i)) * to_acc(from_acc<T>(g));",
+           [path(torch.bfloat16, "b7-h72-p56", False, False)]),
+    Mutant("dc-carried-16bit", "carries the backward's dc between steps in 16 bits",
+           "lstm_backward.cu",
+           "dc_state[bj] = dc * f;",
+           "dc_state[bj] = to_acc(from_acc<T>(dc * f));",
+           [path(torch.float16, "b7-h72-p56", True, False)]),
+    # Shapes: only the path cases (test_emulator.PATHS) reach these.
+    Mutant("grid-rounded-down", "sizes the grid-stride kernel's grid rounding down",
+           "lstm_backward.cu",
+           "std::min<int64_t>((n + kThreads - 1) / kThreads, 1024)",
+           "std::min<int64_t>(n / kThreads, 1024)",
+           [path(torch.float32, "b1-h17-p9", False, False)]),
+    Mutant("column-grid-off-by-one", "rounds the forward's column-block count up from 2 past a tile",
+           "lstm_forward.cu",
+           "const dim3 grid(blocks_for(B, kBB), blocks_for(H, kTileN));",
+           "const dim3 grid(blocks_for(B, kBB), (H + kTileN - 2) / kTileN);",
+           [path(torch.float32, "b1-h17-p9", True, False)]),
+    Mutant("vector-load-unaligned", "takes 16-byte loads whenever the row length allows, aligned "
+           "or not", "lstm_launch.cuh",
+           "return aligned16(p) && ld % TileK<T>::kVec == 0;",
+           "return ld % TileK<T>::kVec == 0;",
+           [path(torch.float32, "b7-h72-p56-misaligned", False, False)], "asan"),
+    Mutant("batch-tile-hardcoded", "places the forward's row blocks 32 rows apart whatever the tile",
+           "lstm_forward.cu",
+           "const int b0 = blockIdx.x * kBB, n0 = blockIdx.y * kTileN;\n  Acc acc[4][2][2];",
+           "const int b0 = blockIdx.x * 32, n0 = blockIdx.y * kTileN;\n  Acc acc[4][2][2];",
+           [path(torch.float32, "b33-h37-p21", False, False)]),
+    Mutant("k-edge-in-tile", "bounds the scalar loads by the index within the K tile",
+           "lstm_device.cuh",
+           "a_s[r][kk] = (b < B && k < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
+           "a_s[r][kk] = (b < B && kk < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
+           [path(torch.float32, "b33-h37-p21", False, False)]),
 ]
 
 
@@ -109,11 +184,27 @@ def main(names):
     torch.set_num_threads(1)
     kernels = emulator.kernels_dir()
     start = time.time()
+    # Compiled units shared by the builds of this run: a mutant recompiles only what it changes.
+    objects = Path(tempfile.mkdtemp(prefix="fastlstm-mutate-"))
+    try:
+        return _main(selected, kernels, start, objects)
+    finally:
+        shutil.rmtree(objects, ignore_errors=True)
+
+
+def _main(selected, kernels, start, objects):
     print("baseline: the unmutated kernels pass every check", flush=True)
+    done = set()
     for m in selected:
-        failed = run_checks(m, emulator.build(m.variant))
-        if failed:
-            sys.exit(f"the unmutated kernels fail the checks for {m.name}: {failed}")
+        exe = emulator.build(m.variant, objects)
+        for desc, check in m.checks:
+            if (m.variant, desc) in done:  # several mutants share a check
+                continue
+            done.add((m.variant, desc))
+            try:
+                check(exe)
+            except (AssertionError, emulator.EmulatorError) as e:
+                sys.exit(f"the unmutated kernels fail the check for {m.name}, {desc}: {e}")
     print(f"  all checks pass ({time.time() - start:.0f} s)", flush=True)
 
     missed = []
@@ -130,7 +221,7 @@ def main(names):
             os.environ["FASTLSTM_EMU_KERNELS"] = str(copy)
             exe = None
             try:
-                exe = emulator.build(m.variant)
+                exe = emulator.build(m.variant, objects)
                 failed = run_checks(m, exe)
             finally:
                 del os.environ["FASTLSTM_EMU_KERNELS"]

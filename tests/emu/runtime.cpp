@@ -17,6 +17,9 @@
 // block writes (spin_wait: the spinning thread lets every other runnable thread run first), a
 // TF32 mma, and FASTLSTM_EMU_DRIFT=1: blocks resident together leave their __syncthreads in random
 // halves, so that they drift apart and a missing grid-wide barrier changes the results.
+// FASTLSTM_EMU_LAUNCH_LOG=path appends one line per launch: the kernel's offset in the executable
+// (hex; `nm` names it) and the grid's x, y, z (tests/emu/coverage.py reads it).
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -453,15 +456,31 @@ void free_block(BlockState& b) {
 // Shared memory a block may have in all (an H100's opt-in maximum).
 constexpr std::size_t kSharedLimit = 227 * 1024;
 
+void log_launch(const void* kernel, dim3 grid) {
+  static std::FILE* log = [] {
+    const char* path = std::getenv("FASTLSTM_EMU_LAUNCH_LOG");
+    return path ? std::fopen(path, "a") : nullptr;
+  }();
+  Dl_info info;
+  if (log == nullptr || kernel == nullptr || dladdr(kernel, &info) == 0) return;
+  std::fprintf(log, "%zx %u %u %u\n",
+               static_cast<std::size_t>(static_cast<const char*>(kernel) -
+                                        static_cast<const char*>(info.dli_fbase)),
+               grid.x, grid.y, grid.z);
+  std::fflush(log);
+}
+
 }  // namespace
 
-cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::function<void()>& body) {
-  return launch_ex(grid, block, cooperative, 0, 1, body);
+cudaError_t launch_body(dim3 grid, dim3 block, bool cooperative, const std::function<void()>& body,
+                        const void* kernel) {
+  return launch_ex(grid, block, cooperative, 0, 1, body, kernel);
 }
 
 cudaError_t launch_ex(dim3 grid, dim3 block, bool cooperative, std::size_t dynamic_shared_bytes,
-                      unsigned cluster, const std::function<void()>& body) {
+                      unsigned cluster, const std::function<void()>& body, const void* kernel) {
   if (g_launch != nullptr) fail("a kernel launched another kernel");
+  log_launch(kernel, grid);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || block.x > 1024 ||
       block.y > 1024 || block.z > 64 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
