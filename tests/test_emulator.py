@@ -9,7 +9,7 @@ float64 reference that rounds exactly where the layer contract rounds (tests/emu
 Results must not depend on the order in which threads and blocks run between barriers (bitwise), a
 smaller set runs under AddressSanitizer and UndefinedBehaviorSanitizer with exact-size buffers, and
 tests/emu/mutate.py shows that planted kernel bugs make these tests fail. What the emulator cannot
-show is in README.md ("Running the CUDA kernels without a GPU")."""
+show is in docs/cuda.md ("Running the CUDA kernels without a GPU")."""
 import shutil
 import sys
 from pathlib import Path

@@ -4,7 +4,7 @@
 // Each CUDA thread is a fiber (runtime.cpp) that runs until it reaches a barrier; then the others
 // run. Within one barrier interval threads run one after another, in an order chosen per run
 // (forward, reverse or shuffled), so a missing barrier changes the results. What this proves and
-// what it cannot: README.md, "Running the CUDA kernels without a GPU".
+// what it cannot: docs/cuda.md, "Running the CUDA kernels without a GPU".
 #pragma once
 
 #include <cmath>
