@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=3.0, help="seconds per case and mode, about")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=None, help="run only the cases with these names")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,7 +138,7 @@ def main() -> None:
     print(f"{'case':<22}{'mode':<10}{'new ms':>9}{'base ms':>9}{'new/base':>10}")
     ratios = []
     for case in LAYER:
-        if args.quick and case[0] not in QUICK:
+        if (args.quick and case[0] not in QUICK) or (args.only and case[0] not in args.only):
             continue
         for training in (False, True):
             new, base = time_pair([layer_fn("fastlstm", case, training),
@@ -146,7 +147,7 @@ def main() -> None:
             print(f"{case[0]:<22}{'training' if training else 'inference':<10}{new * 1e3:9.3f}"
                   f"{base * 1e3:9.3f}{new / base:10.3f}", flush=True)
     for B, H in CELL:
-        if args.quick and (B, H) != (1, 256):
+        if (args.quick and (B, H) != (1, 256)) or (args.only and f"cell-b{B}-h{H}" not in args.only):
             continue
         for training in (False, True):
             new, base = time_pair([cell_fn("fastlstm", B, H, training),
