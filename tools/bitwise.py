@@ -6,9 +6,9 @@
 `dump` runs a fixed set of cases chosen so that every CPU code path runs at least once (each
 recurrence strategy, the projection variants, the step barrier and the per-step loop, native and
 converted bfloat16, float16, float64, packed sorted/unsorted and `lengths=`, bidirectional,
-projection, several layers, LSTMCell), with 1 and 2 threads, and saves outputs, final states and
-every gradient. Run it once with the build before a change and once after, under each instruction
-set the loader can pick (FASTLSTM_CPU_ISA=avx512 / avx2 with ATEN_CPU_CAPABILITY=avx2 and
+projection, several layers, LSTMCell, and inputs with NaN, +-inf and -0), with 1 and 2 threads,
+and saves outputs, final states and every gradient; `compare` compares them bit for bit. Run it
+once with the build before a change and once after, under each instruction set the loader can pick (FASTLSTM_CPU_ISA=avx512 / avx2 with ATEN_CPU_CAPABILITY=avx2 and
 ONEDNN_MAX_CPU_ISA=AVX2 / generic), then `compare` the pairs: any difference is listed by case and
 tensor. `compare` exits 1 on a difference, so it can gate a script.
 """
@@ -57,10 +57,13 @@ LAYER_CASES = [
     ("f16-dot-rows", torch.float16, 10, 2, 16, 40, {}, None, None),
     ("f16-few-steps", torch.float16, 3, 8, 16, 64, {}, None, None),
     ("f16-proj-lengths", torch.float16, 8, 4, 16, 40, dict(proj_size=16), [8, 2, 5, 7], "lengths"),
+    ("special-values", torch.float32, 6, 8, 32, 40, dict(special=True), None, None),
+    ("bf16-special-values", torch.bfloat16, 6, 8, 32, 40, dict(special=True), None, None),
 ]
 
 CELL_CASES = [
     ("cell-f32", torch.float32, 8, 24, 70, True),
+    ("cell-bf16-special", torch.bfloat16, 4, 40, 48, True),
     ("cell-f32-nobias", torch.float32, 1, 10, 33, False),
     ("cell-f64", torch.float64, 5, 12, 40, True),
     ("cell-bf16", torch.bfloat16, 6, 16, 48, True),
@@ -68,11 +71,26 @@ CELL_CASES = [
 ]
 
 
+def _special(x):
+    # Non-finite and signed-zero inputs, in a few places: their NaN payloads and zero signs must
+    # come out as before too.
+    with torch.no_grad():
+        flat = x.view(-1)
+        flat[1::97] = float("nan")
+        flat[2::89] = float("inf")
+        flat[3::83] = -float("inf")
+        flat[4::5] = -0.0
+    return x
+
+
 def _layer_case(name, dtype, T, B, I, H, opts, lengths, kind):
     torch.manual_seed(zlib.crc32(name.encode()))
+    opts = dict(opts)
+    special = opts.pop("special", False)
     model = fastlstm.LSTM(I, H, dtype=dtype, **opts)
     bf = opts.get("batch_first", False)
-    x = torch.randn((B, T, I) if bf else (T, B, I), dtype=dtype, requires_grad=True)
+    x = torch.randn((B, T, I) if bf else (T, B, I), dtype=dtype)
+    x = (_special(x) if special else x).requires_grad_(True)
     D = 2 if opts.get("bidirectional") else 1
     L = opts.get("num_layers", 1)
     P = opts.get("proj_size", 0) or H
@@ -107,7 +125,8 @@ def _layer_case(name, dtype, T, B, I, H, opts, lengths, kind):
 def _cell_case(name, dtype, B, I, H, bias):
     torch.manual_seed(zlib.crc32(name.encode()))
     cell = fastlstm.LSTMCell(I, H, bias=bias, dtype=dtype)
-    x = torch.randn(B, I, dtype=dtype, requires_grad=True)
+    x = torch.randn(B, I, dtype=dtype)
+    x = (_special(x) if "special" in name else x).requires_grad_(True)
     h0 = torch.randn(B, H, dtype=dtype, requires_grad=True)
     c0 = torch.randn(B, H, dtype=dtype, requires_grad=True)
     state = (h0, c0)
@@ -144,6 +163,11 @@ def dump(path: str) -> None:
     print(f"{path}: {len(results) - 1} cases, isa {results['isa']}")
 
 
+def _same_bytes(t, u) -> bool:
+    # Bit for bit: torch.equal would call -0.0 equal to 0.0 and NaN unequal to itself.
+    return torch.equal(t.contiguous().view(torch.uint8), u.contiguous().view(torch.uint8))
+
+
 def compare(a_path: str, b_path: str) -> int:
     a, b = torch.load(a_path), torch.load(b_path)
     print(f"isa {a.pop('isa')} vs {b.pop('isa')}")
@@ -155,7 +179,7 @@ def compare(a_path: str, b_path: str) -> int:
             continue
         for name, t in a[case].items():
             u = b[case].get(name)
-            if u is None or t.dtype != u.dtype or t.shape != u.shape or not torch.equal(t, u):
+            if u is None or t.dtype != u.dtype or t.shape != u.shape or not _same_bytes(t, u):
                 diff = (t.double() - u.double()).abs().max().item() if (
                     u is not None and t.shape == u.shape) else float("nan")
                 print(f"DIFF {case}: {name} (max abs {diff:.3g})")

@@ -52,7 +52,9 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
       !empty_op.hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd)) {
     return at::mm(a, b);
   }
-  at::Tensor out = empty_op.call({a.size(0), b.size(1)}, a.scalar_type());
+  // Straight to the CPU kernel: an allocation is not something a dispatch mode should see.
+  at::Tensor out = empty_op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), {a.size(0), b.size(1)},
+                                       a.scalar_type());
   return at::mm_out(out, a, b);
 }
 

@@ -2,8 +2,7 @@
 // exists wherever the op library is loaded (a C++ program without Python included) and so that the
 // decision to save activations is made at runtime, where it is known whether a gradient is needed.
 //
-// Arguments and shapes are those of the op (csrc/fastlstm.cpp). What this kernel does:
-// The route (no gradient / autograd Function / composite) is autograd_route.h's, shared with the
+// Arguments and shapes are those of the op (csrc/fastlstm.cpp). The route (no gradient / autograd Function / composite) is autograd_route.h's, shared with the
 // cell. Without a gradient the op runs with training = false unless the caller asked for it
 // explicitly: a graph captured above autograd (torch.jit.trace, torch.export's training IR) records
 // training = None, so it saves nothing when it is later run for inference, whatever grad mode it
@@ -113,13 +112,16 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor b_ih = ctx->saved_data["b_ih"].toTensor();
     const Tensor b_hh = ctx->saved_data["b_hh"].toTensor();
-    if (!torch::autograd::get_current_graph_task_keep_graph()) {
-      // Released with the saved variables (the engine frees those after a backward that does not
-      // retain the graph): held longer, a bias would have a reference beyond its module's, and
-      // swapping it (Module.to with swapped tensors, FSDP2, load_state_dict(assign=True)) fails.
-      ctx->saved_data.erase("b_ih");
-      ctx->saved_data.erase("b_hh");
-    }
+    // The biases are released with the saved variables, which the engine frees after a backward
+    // that does not retain the graph: held longer, a bias would have a reference beyond its
+    // module's, and swapping it (Module.to with swapped tensors, FSDP2, load_state_dict(assign=True))
+    // fails. Only once the backward has succeeded: after an exception the graph is kept.
+    const auto release_biases = [ctx] {
+      if (!torch::autograd::get_current_graph_task_keep_graph()) {
+        ctx->saved_data.erase("b_ih");
+        ctx->saved_data.erase("b_hh");
+      }
+    };
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const Tensor grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
@@ -145,7 +147,10 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
           diff_inputs.push_back(inputs[i]);
         }
       }
-      if (diff_inputs.empty()) return result;
+      if (diff_inputs.empty()) {
+        release_biases();
+        return result;
+      }
       auto [o, h, c] = composite_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                        reverse);
       const variable_list found = torch::autograd::grad(
@@ -155,6 +160,7 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
       for (size_t i = 0; i < inputs.size(); ++i) {
         if (inputs[i].defined() && inputs[i].requires_grad()) result[i] = found[k++];
       }
+      release_biases();
       return result;
     }
 
@@ -171,6 +177,7 @@ struct LstmLayerFunction : public torch::autograd::Function<LstmLayerFunction> {
     if (b_ih.defined()) result[5] = g_bias;
     if (b_hh.defined()) result[6] = b_ih.defined() ? g_bias.clone() : g_bias;
     if (w_hr.defined()) result[7] = g_w_hr;
+    release_biases();
     return result;
   }
 };

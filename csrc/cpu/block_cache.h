@@ -12,8 +12,9 @@
 // Blocks of kMinBytes or more are cached, up to FASTLSTM_CPU_CACHE_MB mebibytes in all (default 256;
 // 0 turns the cache off). A freed block that would exceed the cap makes room by freeing the blocks
 // cached longest ago (least recently freed first): a process that moves on to other shapes gets its
-// new blocks cached instead of keeping the old ones and page-faulting on every call. A block larger than the cap is freed as before. fastlstm.empty_cpu_cache() frees every cached
-// block (the op fastlstm::cpu_cache_release, lstm_cpu.cpp).
+// new blocks cached instead of keeping the old ones and page-faulting on every call. A block larger
+// than the cap is freed as before. fastlstm.empty_cpu_cache() frees every cached block (the op
+// fastlstm::cpu_cache_release, lstm_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

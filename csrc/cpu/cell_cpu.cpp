@@ -61,9 +61,11 @@ void forward_impl(const at::Tensor& input, const at::Tensor& hx, const at::Tenso
       acc_t* cn = c_all + b * H;
       // b_ih in the recurrent part's place; the post-activations overwrite the pre-activations.
       cell_forward<acc_t, acc_t, true, false>(H, g, H, bip, H, bhp, c_prev + b * H, cn, cn, h_all + b * H, g);
-      if constexpr (!kSame) {
-        at::vec::convert(cn, c_out + b * H, H);
-        at::vec::convert(h_all + b * H, h_out + b * H, H);
+      if constexpr (!kSame) {  // element by element, as c10 converts a scalar (NaN as 0x7FC0 for bfloat16)
+        for (int64_t j = 0; j < H; ++j) {
+          c_out[b * H + j] = static_cast<scalar_t>(cn[j]);
+          h_out[b * H + j] = static_cast<scalar_t>(h_all[b * H + j]);
+        }
       }
     }
   });

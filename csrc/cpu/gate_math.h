@@ -129,7 +129,10 @@ inline void store_as(const Vectorized<acc_t>& v, post_t* dst, int64_t cnt) {
 // nonlinearity is a chain of dependent instructions, and two independent chains keep the core
 // busier. Otherwise (the cell) one vector at a time. The arithmetic is the same, but the compiler
 // may fuse a multiply and an add into an FMA differently in the two loops, so each user keeps the
-// loop its results were defined with.
+// loop its results were defined with. (cell_backward_row has one loop: compiled into the cell, the
+// float64 AVX2 build fuses one multiply-add that the cell's former copy did not, a last-bit
+// difference recorded in benchmarks/NOTES.md entry 62. Its results depend on how the compiler
+// contracts it where it is inlined.)
 template <typename acc_t, typename post_t, bool kSave = true, bool kPaired = true>
 inline void cell_forward(int64_t n, const acc_t* pre, int64_t pre_stride, const acc_t* rec,
                          int64_t rec_stride, const acc_t* bias, const acc_t* c_prev, acc_t* c,

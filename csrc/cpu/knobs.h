@@ -1,5 +1,5 @@
-// Every environment variable the CPU kernels read, read once per process (at the first call that
-// needs one). All but FASTLSTM_CPU_CACHE_MB and FASTLSTM_CPU_PLAN are overrides for comparisons:
+// Every environment variable the CPU kernels read, all read once per process (at the first call
+// that needs any of them). All but FASTLSTM_CPU_CACHE_MB and FASTLSTM_CPU_PLAN are overrides for comparisons:
 // they change which code runs, never what a correct result is.
 //   FASTLSTM_CPU_WHH=direct|packed   the recurrent product: w_hh read in place, or packed panels
 //   FASTLSTM_CPU_PROJ=block|whole    the input projection: per block in the step loop, or per chunk

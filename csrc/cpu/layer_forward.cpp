@@ -88,7 +88,7 @@ struct ForwardState {
     v.t = plan.reverse ? T - 1 - step : step;
     const int64_t c_first = step - step % chunk, c_n = std::min(chunk, T - c_first);
     v.t_lo = plan.reverse ? T - c_first - c_n : c_first;
-    // block_proj (chunk == pchunk): the first step of a chunk projects all of its steps, which start
+    // block_proj: the first step of a chunk projects all of its steps, which start
     // at t_lo in either direction.
     v.p_n = plan.block_proj && step == c_first ? c_n : 0;
     return v;
@@ -245,6 +245,10 @@ StepFn<scalar_t> step_function(Recurrence r) {
 // The step function of the plan: its recurrence strategy and flags as template arguments.
 template <typename scalar_t>
 StepFn<scalar_t> step_function(const ForwardPlan& p) {
+  // What step_blocks derives from its template arguments must be what the plan allocated for.
+  constexpr bool kLow = !std::is_same_v<at::opmath_type<scalar_t>, scalar_t>;
+  TORCH_INTERNAL_ASSERT(p.low_gates == (kLow && p.training) &&
+                        p.keep_w_hh == (kLow && (p.recurrence == Recurrence::kDotRows || p.native)));
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (p.native) {
       return p.training ? step_function<scalar_t, true, true>(p.recurrence)

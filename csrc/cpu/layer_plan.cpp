@@ -100,12 +100,12 @@ ForwardPlan make_forward_plan(const LayerSizes& s, at::ScalarType dtype, bool tr
   const int64_t T1 = std::max<int64_t>(s.T, 1), B1 = std::max<int64_t>(1, s.B);
   const int64_t row_values = std::max<int64_t>(1, s.B * 4 * s.H);
   // A block-projection chunk: about 1 MB of pre-activations for all blocks, at least 256 rows.
-  p.pchunk = p.block_proj
-                 ? std::clamp<int64_t>(std::max<int64_t>((int64_t(1) << 18) / row_values, (256 + s.B - 1) / B1), 1, T1)
-                 : 1;
+  const int64_t pchunk =
+      p.block_proj ? std::clamp<int64_t>(std::max<int64_t>((int64_t(1) << 18) / row_values, (256 + s.B - 1) / B1), 1, T1)
+                   : 1;
   // Else a chunk of about 16 MB of pre-activations.
   p.chunk = training && !low ? s.T
-          : p.block_proj     ? p.pchunk
+          : p.block_proj     ? pchunk
                              : std::clamp<int64_t>((int64_t(1) << 22) / row_values, 1, T1);
   p.keep_w_hh = low && (dot_rows || p.native);
   p.proj_blocks = s.has_proj && float32 && brgemm_usable();
@@ -142,7 +142,7 @@ std::string ForwardPlan::describe() const {
     << (reverse ? " reverse" : "") << ": recurrence=" << name(recurrence)
     << (native ? " native-bf16" : "") << " blocks=" << ub.count << "x" << ub.nb
     << " grain=" << grain << " projection=" << (block_proj ? "block" : "chunk")
-    << " chunk=" << (block_proj ? pchunk : chunk) << " sync=" << (barrier ? "barrier" : "fork")
+    << " chunk=" << chunk << " sync=" << (barrier ? "barrier" : "fork")
     << (keep_w_hh ? " w_hh-as-is" : "") << (proj_blocks ? " proj-blocks" : "")
     << (low_gates ? " low-gates" : "") << " [" << knobs().describe() << "]";
   return s.str();

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cpu/projection.h"
+#include "cpu/gemm/probe.h"
 #include "cpu/unit_blocks.h"
 #include "lstm_checks.h"
 
@@ -36,11 +36,11 @@ struct ForwardPlan {
   UnitBlocks ub;
   Recurrence recurrence;
   int64_t grain;  // blocks per task of a step (a task is at least about 128K multiply-adds)
-  // The input projection: every `pchunk` steps each block projects its own gate columns inside the
-  // step loop (block_proj), or one GEMM over `chunk` steps at a time; float32/float64 training
-  // projects all steps up front (chunk = T: that buffer becomes the saved gates).
+  // The input projection: every `chunk` steps each block projects its own gate columns inside the
+  // step loop (block_proj), or one GEMM projects `chunk` steps; float32/float64 training projects
+  // all steps up front (chunk = T: that buffer becomes the saved gates).
   bool block_proj;
-  int64_t pchunk, chunk;
+  int64_t chunk;
   bool keep_w_hh;    // low-precision w_hh read as it is (dot rows, native), not a float32 copy
   bool proj_blocks;  // the projection h = m @ w_hr^T in column blocks on brgemm (else BLAS)
   bool barrier;      // one parallel region with a barrier a step (barrier.h), else a fork a step
@@ -49,7 +49,7 @@ struct ForwardPlan {
   std::string describe() const;
 };
 
-// How a block's share of dh_{t-1} = dG_t @ w_hh is computed each step of the backward.
+// How dh_{t-1} = dG_t @ w_hh is computed each step of the backward (split among threads by columns).
 enum class DhProduct {
   kVnniPanels,  // native bfloat16, batch > 2: bfloat16 brgemm on VNNI column panels of w_hh
   kPanels,      // batch > 2: brgemm (or BLAS) on column panels of w_hh
@@ -58,7 +58,8 @@ enum class DhProduct {
 
 // How grad_w_ih and grad_w_hh (and grad_w_hr) are computed after the step loop.
 enum class WeightGrad {
-  kBlocked,   // float32 on brgemm, tiles fixed by the shape (weight_grad_parallel)
+  kBlocked,   // float32 arithmetic on brgemm (float16 and converted bfloat16 too, and native bfloat16
+              // below kBrgemmMinRows rows), tiles fixed by the shape (weight_grad_parallel)
   kNativeMm,  // native bfloat16: oneDNN's bfloat16 matmul (float32 accumulation)
   kAten,      // float64, and float32 without brgemm: at::mm / addmm
 };

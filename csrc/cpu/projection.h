@@ -16,12 +16,6 @@
 
 namespace fastlstm::cpu {
 
-// From this many rows on, the float32 input projection runs on brgemm tiles rather than at::mm (and
-// native bfloat16's backward products on oneDNN's matmul): the MKL in torch's wheels runs float32
-// well below brgemm's rate on AMD CPUs; below this, packing w_ih would cost more than the product (a
-// decoding step). The float32 backward runs on brgemm at every size.
-constexpr int64_t kBrgemmMinRows = 64;
-
 // Input projection: c[M, 4H] = a[M, I] @ w^T for w [4H, I], a and c in M / B steps of B rows. With
 // `rows` (sorted lengths: step s runs rows[s] rows, the rest is padding) only each step's running
 // rows: the others are left unwritten (inference reads none of them; training writes them in the

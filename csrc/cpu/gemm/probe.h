@@ -9,6 +9,12 @@
 
 namespace fastlstm::cpu {
 
+// From this many rows on, the float32 input projection runs on brgemm tiles rather than at::mm (and
+// native bfloat16's backward products on oneDNN's matmul): the MKL in torch's wheels runs float32
+// well below brgemm's rate on AMD CPUs; below this, packing w_ih would cost more than the product (a
+// decoding step). The float32 backward runs on brgemm at every size.
+constexpr int64_t kBrgemmMinRows = 64;
+
 // Whether torch's oneDNN batch-reduce GEMM micro-kernel runs fp32 here (it needs oneDNN's ukernel
 // support: x86 with AVX-512 or AVX2 in torch 2.13; with ONEDNN_MAX_CPU_ISA=AVX2 it runs its AVX2
 // kernels, at half the AVX-512 rate). Probed once on a small product.
