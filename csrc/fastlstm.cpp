@@ -84,3 +84,45 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
       "Tensor? lengths, bool reverse, bool training) -> str");
   m.def("_cpu_cached_empty(int[] size, ScalarType dtype) -> Tensor");
 }
+
+// The variant layer (README "Variants"; plain-PyTorch definition: fastlstm/reference.py's
+// lstm_variant_layer): one layer, one direction, with zoneout, cell clipping and layer
+// normalisation, any of them (weight drop is the module's: it runs the layer with dropped w_hh).
+// Arguments as lstm_layer_forward's, and:
+//   zoneout_c [T, B, H] or None, zoneout_h [T, B, P] or None: per-step masks m (training; 1 keeps
+//            the previous value: c_t = m * c_{t-1} + (1 - m) * c~_t, h_t likewise; any value in
+//            [0, 1] is computed as written). Where a mask is None, zoneout_c_p / zoneout_h_p is
+//            used as m at every step and element (evaluation: the expectation; 0 = off). Masks have
+//            the cell dtype (float32 for float16/bfloat16 input, else the input's).
+//   cell_clip  None, or c~_t is clamped to [-cell_clip, cell_clip] (gradient 0 outside).
+//   ln_ih [4H], ln_hh [4H], ln_c_weight [H], ln_c_bias [H] (input dtype): all four or none. With
+//            them the pre-activations are LN(x_t W_ih^T) * ln_ih + LN(h_{t-1} W_hh^T) * ln_hh + b_ih
+//            + b_hh and the cell output tanh(LN(c~_t) * ln_c_weight + ln_c_bias), each LN over the
+//            whole row (4H, H) without affine, eps 1e-5 (biased variance).
+// One step: c~ = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g), clipped; y = tanh(c~) (or the LN form);
+// h~ = sigmoid(o) y, projected by w_hr; then zoneout of c~ and h~ against c_{t-1}, h_{t-1}.
+// lstm_variant_forward returns output [T, B, P], h_n [B, P], c_n [B, H] and, with training, saved
+// [T, B, K] in the cell dtype (else shape [0]), per row:
+//   [0, 4H) post-activation i, f, g, o; [4H, 5H) c_t (after zoneout); [5H, 6H) c~_t before
+//   clipping; [6H, 7H) y; with layer norm also [7H, 11H) the normalised x_t W_ih^T, [11H, 15H) the
+//   normalised h_{t-1} W_hh^T, [15H, 16H) the normalised c~_t, [16H, 16H + 3) the three 1/std.
+//   K = 7H, or 16H + 3 with layer norm. Rows of steps past a sequence's length are zero.
+// lstm_variant_backward returns the gradients of input, h0, c0, w_ih, w_hh, the bias (both b_ih and
+// b_hh), w_hr, ln_ih, ln_hh, ln_c_weight, ln_c_bias (shape [0] for an absent one). Masks get no
+// gradient.
+TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
+  m.def(
+      "lstm_variant_forward(Tensor input, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, Tensor? zoneout_c, "
+      "Tensor? zoneout_h, float zoneout_c_p, float zoneout_h_p, float? cell_clip, Tensor? ln_ih, "
+      "Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, bool training) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor saved)");
+  m.def(
+      "lstm_variant_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "Tensor? zoneout_c, Tensor? zoneout_h, float zoneout_c_p, float zoneout_h_p, float? cell_clip, "
+      "Tensor? ln_ih, Tensor? ln_hh, Tensor? ln_c_weight, Tensor? ln_c_bias, Tensor output, "
+      "Tensor saved) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_bias, Tensor grad_w_hr, Tensor grad_ln_ih, Tensor grad_ln_hh, "
+      "Tensor grad_ln_c_weight, Tensor grad_ln_c_bias)");
+}
