@@ -97,6 +97,29 @@ def _fused_layer(input, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, len
     return out[0], out[1], out[2]
 
 
+def lstm_variant_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+    zoneout_c: Tensor | float | None = None,
+    zoneout_h: Tensor | float | None = None,
+    cell_clip: float | None = None,
+    layer_norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction, with the variants (zoneout, cell clipping, layer normalisation),
+    differentiable: returns ``(output, h_n, c_n)``. Arguments as fastlstm.reference's
+    lstm_variant_layer (masks [T, B, H] / [T, B, P] or a float, the expectation)."""
+    return reference.lstm_variant_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                        reverse, zoneout_c, zoneout_h, cell_clip, layer_norm)
+
+
 def lstm_cell(
     input: Tensor,
     hx: Tensor,
