@@ -19,6 +19,8 @@ _FORWARD = "fastlstm::lstm_layer_forward"
 _BACKWARD = "fastlstm::lstm_layer_backward"
 _CELL_FORWARD = "fastlstm::lstm_cell_forward"
 _CELL_BACKWARD = "fastlstm::lstm_cell_backward"
+_VARIANT_FORWARD = "fastlstm::lstm_variant_forward"
+_VARIANT_BACKWARD = "fastlstm::lstm_variant_backward"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _warned_devices: set[str] = set()
 
@@ -37,6 +39,7 @@ def _probe(op: str) -> dict[str, bool]:
 
 _COMPILED = _probe(_FORWARD)
 _CELL_COMPILED = _probe(_CELL_FORWARD)
+_VARIANT_COMPILED = _probe(_VARIANT_FORWARD)
 
 
 def backend(device: str | torch.device = "cpu") -> str:
@@ -114,10 +117,30 @@ def lstm_variant_layer(
     layer_norm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction, with the variants (zoneout, cell clipping, layer normalisation),
-    differentiable: returns ``(output, h_n, c_n)``. Arguments as fastlstm.reference's
-    lstm_variant_layer (masks [T, B, H] / [T, B, P] or a float, the expectation)."""
-    return reference.lstm_variant_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                        reverse, zoneout_c, zoneout_h, cell_clip, layer_norm)
+    differentiable (twice, too): returns ``(output, h_n, c_n)``. Arguments as fastlstm.reference's
+    lstm_variant_layer (masks [T, B, H] / [T, B, P] in the cell dtype, or a float: the
+    expectation). The op ``fastlstm::lstm_variant_forward`` where the device has a kernel for it,
+    else the reference."""
+    if not _VARIANT_COMPILED.get(input.device.type, False):
+        return reference.lstm_variant_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                            reverse, zoneout_c, zoneout_h, cell_clip, layer_norm)
+    zc, zc_p = _zoneout_args(zoneout_c)
+    zh, zh_p = _zoneout_args(zoneout_h)
+    ln = tuple(layer_norm) if layer_norm is not None else (None,) * 4
+    # Activations are saved exactly when a gradient will be asked for.
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *ln))
+    out = torch.ops.fastlstm.lstm_variant_forward(
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, zc, zh, zc_p, zh_p,
+        None if cell_clip is None else float(cell_clip), *ln, training)
+    return out[0], out[1], out[2]
+
+
+def _zoneout_args(z) -> tuple[Tensor | None, float]:
+    # The op's (mask, constant) pair for a zoneout argument: a mask, a float, or None (off).
+    if isinstance(z, Tensor):
+        return z, 0.0
+    return None, float(z) if z is not None else 0.0
 
 
 def lstm_cell(
@@ -444,3 +467,101 @@ if LOADED:
     _lib = torch.library.Library("fastlstm", "IMPL")
     for _device_type in ("cpu", "cuda"):
         _register_autocast(_device_type)
+
+    # ---- the variant layer: fakes and autograd ----------------------------------------------------
+
+    def _variant_k(H: int, ln: bool) -> int:
+        # The saved row's length (csrc/fastlstm.cpp).
+        return 16 * H + 3 if ln else 7 * H
+
+    @torch.library.register_fake(_VARIANT_FORWARD)
+    def _variant_forward_fake(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, zoneout_c,
+                              zoneout_h, zoneout_c_p, zoneout_h_p, cell_clip, ln_ih, ln_hh,
+                              ln_c_weight, ln_c_bias, training):
+        T, B, H, P = _check_fake_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+        acc = cell_dtype(input.dtype)
+        for name, m, n in (("zoneout_c", zoneout_c, H), ("zoneout_h", zoneout_h, P)):
+            if m is not None:
+                torch._check(m.shape == (T, B, n),
+                             lambda: f"{name} must have shape [T, B, {n}], got {list(m.shape)}")
+        K = _variant_k(H, ln_ih is not None)
+        return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, H),
+                input.new_empty((T, B, K) if training else (0,), dtype=acc))
+
+    @torch.library.register_fake(_VARIANT_BACKWARD)
+    def _variant_backward_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, w_ih, w_hh, w_hr,
+                               lengths, reverse, zoneout_c, zoneout_h, zoneout_c_p, zoneout_h_p,
+                               cell_clip, ln_ih, ln_hh, ln_c_weight, ln_c_bias, output, saved):
+        _check_fake_args(input, h0, c0, w_ih, w_hh, None, None, w_hr, lengths)
+
+        def like(t, shape=None):
+            return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+
+        def opt(t):
+            return like(t) if t is not None else like(input, (0,))
+
+        return (like(input), like(h0), like(c0), like(w_ih), like(w_hh), like(w_ih, w_ih.shape[:1]),
+                opt(w_hr), opt(ln_ih), opt(ln_hh), opt(ln_c_weight), opt(ln_c_bias))
+
+    _VARIANT_TENSORS = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths",
+                        "zoneout_c", "zoneout_h", "ln_ih", "ln_hh", "ln_c_weight", "ln_c_bias")
+
+    def _variant_setup_context(ctx, inputs, output):
+        (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, zoneout_c, zoneout_h,
+         zoneout_c_p, zoneout_h_p, cell_clip, ln_ih, ln_hh, ln_c_weight, ln_c_bias, training) = inputs
+        torch._check(training, lambda: "fastlstm::lstm_variant_forward: backward through a call made "
+                     "with training=False (nothing was saved)")
+        tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, zoneout_c, zoneout_h,
+                   ln_ih, ln_hh, ln_c_weight, ln_c_bias)
+        present = [t is not None for t in tensors]
+        ctx.save_for_backward(*(t for t in tensors if t is not None), output[0], output[3])
+        ctx.present = present
+        ctx.scalars = (reverse, zoneout_c_p, zoneout_h_p, cell_clip)
+
+    def _variant_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_saved):
+        saved = list(ctx.saved_tensors)
+        output, activations = saved[-2], saved[-1]
+        it = iter(saved[:-2])
+        t = dict(zip(_VARIANT_TENSORS, (next(it) if p else None for p in ctx.present)))
+        reverse, zc_p, zh_p, cell_clip = ctx.scalars
+        grads = [grad_output, grad_h_n, grad_c_n]
+        likes = [output, t["h0"], t["c0"]]
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, likes)]
+        ln = (t["ln_ih"], t["ln_hh"], t["ln_c_weight"], t["ln_c_bias"])
+        if torch.is_grad_enabled():
+            # Double backward (create_graph): differentiate the plain-PyTorch definition, recomputed
+            # from the same inputs, so that the gradient is itself differentiable.
+            return _variant_backward_composite(t, reverse, zc_p, zh_p, cell_clip, ln, grads,
+                                               ctx.needs_input_grad)
+        (g_input, g_h0, g_c0, g_w_ih, g_w_hh, g_bias, g_w_hr, g_ln_ih, g_ln_hh, g_ln_cw,
+         g_ln_cb) = torch.ops.fastlstm.lstm_variant_backward(
+            *grads, t["input"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["w_hr"], t["lengths"],
+            reverse, t["zoneout_c"], t["zoneout_h"], zc_p, zh_p, cell_clip, *ln, output,
+            activations)
+        present = lambda name, g: g if t[name] is not None else None  # noqa: E731
+        return (g_input, g_h0, g_c0, g_w_ih, g_w_hh, present("b_ih", g_bias), present("b_hh", g_bias),
+                present("w_hr", g_w_hr), None, None, None, None, None, None, None,
+                present("ln_ih", g_ln_ih), present("ln_hh", g_ln_hh),
+                present("ln_c_weight", g_ln_cw), present("ln_c_bias", g_ln_cb), None)
+
+    def _variant_backward_composite(t, reverse, zc_p, zh_p, cell_clip, ln, grads, needs):
+        layer_norm = ln if ln[0] is not None else None
+        zc = t["zoneout_c"] if t["zoneout_c"] is not None else (zc_p or None)
+        zh = t["zoneout_h"] if t["zoneout_h"] is not None else (zh_p or None)
+        names = ("input", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "lengths", None, None,
+                 None, None, None, None, "ln_ih", "ln_hh", "ln_c_weight", "ln_c_bias", None)
+        wanted = [i for i, name in enumerate(names)
+                  if name is not None and needs[i] and t[name] is not None]
+        with torch.enable_grad():
+            out = reference.lstm_variant_layer(
+                t["input"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], t["w_hr"],
+                t["lengths"], reverse, zc, zh, cell_clip, layer_norm)
+            got = torch.autograd.grad(out, [t[names[i]] for i in wanted], grads, create_graph=True,
+                                      allow_unused=True, materialize_grads=True)
+        result = [None] * len(names)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(_VARIANT_FORWARD, _variant_backward,
+                                    setup_context=_variant_setup_context)

@@ -134,7 +134,8 @@ LAYER_NORM_EPS = 1e-5
 def _zoneout(z: Tensor | float | None, prev: Tensor, cand: Tensor) -> Tensor:
     if z is None:
         return cand
-    return z * prev + (1 - z) * cand
+    # A mask may be in a wider dtype (the cell dtype of float16/bfloat16 input): the state keeps its own.
+    return (z * prev + (1 - z) * cand).to(cand.dtype)
 
 
 def lstm_variant_layer(
