@@ -28,6 +28,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/block_cache.h"
 #include "cpu/gate_math.h"
 #include "cpu/gemm/blas.h"
 #include "cpu/lengths.h"
@@ -279,10 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor wih = w_ih.to(acc).contiguous(), whh = w_hh.to(acc).contiguous();
   const at::Tensor whr = s.has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
   const at::Tensor b = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
-  at::Tensor xg = at::empty({T * B, 4 * H}, acc);
+  at::Tensor xg = cached_empty({T * B, 4 * H}, acc);
   gemm_blas<acc_t>(false, true, T * B, 4 * H, I, acc_t(1), x.data_ptr<acc_t>(), I, wih.data_ptr<acc_t>(), I,
                    acc_t(0), xg.data_ptr<acc_t>(), 4 * H);
-  at::Tensor saved = training ? at::zeros({T, B, L.K}, acc) : at::Tensor();
+  at::Tensor saved = training ? cached_empty({T, B, L.K}, acc) : at::Tensor();  // rows written below
   at::Tensor scratch = training ? at::Tensor() : at::empty({B, L.K}, acc);
   if (v.ln) {  // normalise x W_ih^T row by row up front; its rstd goes to the saved row
     acc_t* xp = xg.data_ptr<acc_t>();
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
     });
   }
-  at::Tensor output = at::empty({T, B, P}, input.options());
+  at::Tensor output = cached_empty({T, B, P}, input.options());
   at::Tensor h = h0.to(acc).contiguous().clone();  // the carried h: always a value of scalar_t
   at::Tensor c = c0.to(acc).contiguous().clone();
   at::Tensor rec = at::empty({B, 4 * H}, acc);
@@ -318,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         scalar_t* out = op + (t * B + bb) * P;
         if (!act.active(bb, t)) {
           std::fill(out, out + P, scalar_t(0));
+          if (training) std::fill(sv_t + bb * L.K, sv_t + (bb + 1) * L.K, acc_t(0));
           continue;
         }
         row_forward<acc_t>(L, v, xp + (t * B + bb) * 4 * H, rp + bb * 4 * H, bp,
@@ -433,13 +435,14 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   at::Tensor dc = grad_c_n.to(acc).contiguous().clone();
   // da: the pre-activations' gradient; dxg / dr: of x W_ih^T and h_{t-1} W_hh^T (da itself
   // without layer norm)
-  at::Tensor da = at::zeros({T, B, 4 * H}, acc);
-  at::Tensor dxg = v.ln ? at::zeros({T, B, 4 * H}, acc) : da;
-  at::Tensor dr = v.ln ? at::zeros({T, B, 4 * H}, acc) : da;
-  at::Tensor dz = v.ln ? at::zeros({T, B, H}, acc) : at::Tensor();
-  at::Tensor dq = s.has_proj ? at::zeros({T, B, P}, acc) : at::Tensor();  // gradient of h~ (projected)
-  at::Tensor m_all = s.has_proj ? at::zeros({T, B, H}, acc) : at::Tensor();  // o * y
-  at::Tensor hprev = at::zeros({T, B, P}, acc);
+  // Every row of these is written in the loop (zero for the steps past a sequence's length).
+  at::Tensor da = cached_empty({T, B, 4 * H}, acc);
+  at::Tensor dxg = v.ln ? cached_empty({T, B, 4 * H}, acc) : da;
+  at::Tensor dr = v.ln ? cached_empty({T, B, 4 * H}, acc) : da;
+  at::Tensor dz = v.ln ? cached_empty({T, B, H}, acc) : at::Tensor();
+  at::Tensor dq = s.has_proj ? cached_empty({T, B, P}, acc) : at::Tensor();  // gradient of h~ (projected)
+  at::Tensor m_all = s.has_proj ? cached_empty({T, B, H}, acc) : at::Tensor();  // o * y
+  at::Tensor hprev = cached_empty({T, B, P}, acc);
   at::Tensor dm = at::empty({B, H}, acc);
   at::Tensor dkeep = at::zeros({B, P}, acc);  // zoneout_h's direct share of dh_{t-1}
   at::Tensor dh_rec = at::empty({B, P}, acc);
@@ -464,7 +467,21 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
     const int64_t tp = prev_step(t);
     // dh~ (the candidate's gradient) and zoneout_h's direct share, per active row
     for (int64_t bb = 0; bb < B; ++bb) {
-      if (!act.active(bb, t)) continue;
+      const int64_t r = t * B + bb;
+      if (!act.active(bb, t)) {  // nothing flows through this step: zero rows for the GEMMs
+        std::fill(hpp + r * P, hpp + (r + 1) * P, acc_t(0));
+        std::fill(dap + r * 4 * H, dap + (r + 1) * 4 * H, acc_t(0));
+        if (v.ln) {
+          std::fill(dxp + r * 4 * H, dxp + (r + 1) * 4 * H, acc_t(0));
+          std::fill(drp + r * 4 * H, drp + (r + 1) * 4 * H, acc_t(0));
+          std::fill(dzp + r * H, dzp + (r + 1) * H, acc_t(0));
+        }
+        if (s.has_proj) {
+          std::fill(dqp + r * P, dqp + (r + 1) * P, acc_t(0));
+          std::fill(map + r * H, map + (r + 1) * H, acc_t(0));
+        }
+        continue;
+      }
       const acc_t* mh = zhp ? zhp + (t * B + bb) * P : nullptr;
       acc_t* dcand = s.has_proj ? dqp + (t * B + bb) * P : dmp + bb * H;
       for (int64_t j = 0; j < P; ++j) {
