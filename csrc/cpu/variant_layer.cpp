@@ -39,6 +39,8 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 constexpr double kLayerNormEps = 1e-5;
+// Batch rows per thread from which each thread runs its own rows through the whole sequence.
+constexpr int64_t kMinRowsPerThread = 4;
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
@@ -162,6 +164,28 @@ void normalise_backward(int64_t n, const acc_t* dxhat, const acc_t* xhat, acc_t 
   const acc_t m1 = hsum(s1) / acc_t(n), m2 = hsum(s2) / acc_t(n);
   for_vec<acc_t>(n, [&](int64_t j, int64_t c) {
     ((Vec::loadu(dxhat + j, c) - Vec(m1) - Vec::loadu(xhat + j, c) * Vec(m2)) * Vec(rstd)).store(dx + j, c);
+  });
+}
+
+// out[j] = sum over r in [0, rows) of a[r * lda + j] * b[r * ldb + j] (b null: of a alone), summed
+// in row order (the same for any thread count); n columns.
+template <typename acc_t>
+void column_dot(int64_t rows, int64_t n, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kV = Vec::size(), kCols = 4 * kV;
+  at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t j0 = q * kCols, m = std::min(kCols, n - j0);
+      Vec acc[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t u = 0; u * kV < m; ++u) {
+          const int64_t cnt = std::min(kV, m - u * kV), j = j0 + u * kV;
+          const Vec x = Vec::loadu(a + r * lda + j, cnt);
+          acc[u] = acc[u] + (b ? x * Vec::loadu(b + r * ldb + j, cnt) : x);
+        }
+      }
+      for (int64_t u = 0; u * kV < m; ++u) acc[u].store(out + j0 + u * kV, std::min(kV, m - u * kV));
+    }
   });
 }
 
@@ -290,10 +314,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     acc_t* sp = training ? saved.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, T * B, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const acc_t rstd = normalise<acc_t>(4 * H, xp + r * 4 * H, xp + r * 4 * H);
         if (sp) {
-          std::copy(xp + r * 4 * H, xp + (r + 1) * 4 * H, sp + r * L.K + L.xhat);
-          sp[r * L.K + L.rstd] = rstd;
+          sp[r * L.K + L.rstd] = normalise<acc_t>(4 * H, xp + r * 4 * H, sp + r * L.K + L.xhat);
+        } else {
+          normalise<acc_t>(4 * H, xp + r * 4 * H, xp + r * 4 * H);
         }
       }
     });
@@ -308,37 +332,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const acc_t *xp = xg.data_ptr<acc_t>(), *bp = ptr_or_null<acc_t>(b);
   const acc_t *zcp = ptr_or_null<acc_t>(v.zc), *zhp = ptr_or_null<acc_t>(v.zh);
   scalar_t* op = output.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1));
-  for (int64_t step = 0; step < T; ++step) {
-    const int64_t t = reverse ? T - 1 - step : step;
-    const int64_t rows = act.rows(t);
-    gemm_blas<acc_t>(false, true, rows, 4 * H, P, acc_t(1), hp, P, whh.data_ptr<acc_t>(), P, acc_t(0), rp, 4 * H);
-    acc_t* sv_t = training ? saved.data_ptr<acc_t>() + t * B * L.K : scratch.data_ptr<acc_t>();
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t bb = b0; bb < b1; ++bb) {
-        scalar_t* out = op + (t * B + bb) * P;
-        if (!act.active(bb, t)) {
-          std::fill(out, out + P, scalar_t(0));
-          if (training) std::fill(sv_t + bb * L.K, sv_t + (bb + 1) * L.K, acc_t(0));
-          continue;
+  // Rows [b0, b1) through every step. Batch rows never meet, so with enough rows each thread runs
+  // its own share of the batch through the whole sequence (serial GEMMs, no synchronisation);
+  // otherwise the GEMMs are parallel and the rows' pointwise stage is split per step (inner).
+  auto run_rows = [&](int64_t b0, int64_t b1, bool inner) {
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      // With sorted lengths the running rows are a prefix: the GEMMs skip the others.
+      const int64_t r1 = act.sorted ? std::min(b1, std::max(b0, act.rows(t))) : b1;
+      gemm_blas<acc_t>(false, true, r1 - b0, 4 * H, P, acc_t(1), hp + b0 * P, P, whh.data_ptr<acc_t>(), P,
+                       acc_t(0), rp + b0 * 4 * H, 4 * H);
+      acc_t* sv_t = training ? saved.data_ptr<acc_t>() + t * B * L.K : scratch.data_ptr<acc_t>();
+      auto rows_fn = [&](int64_t lo, int64_t hi) {
+        for (int64_t bb = lo; bb < hi; ++bb) {
+          scalar_t* out = op + (t * B + bb) * P;
+          if (!act.active(bb, t)) {
+            std::fill(out, out + P, scalar_t(0));
+            if (training) std::fill(sv_t + bb * L.K, sv_t + (bb + 1) * L.K, acc_t(0));
+            continue;
+          }
+          // the input's share: with layer norm in training, its normalised copy in the saved row
+          const acc_t* xrow = v.ln && training ? saved.data_ptr<acc_t>() + (t * B + bb) * L.K + L.xhat
+                                               : xp + (t * B + bb) * 4 * H;
+          row_forward<acc_t>(L, v, xrow, rp + bb * 4 * H, bp,
+                             zcp ? zcp + (t * B + bb) * H : nullptr, cp + bb * H, sv_t + bb * L.K, mp + bb * H);
+          if (!s.has_proj) {
+            row_output<scalar_t, acc_t>(P, v, mp + bb * H, zhp ? zhp + (t * B + bb) * P : nullptr, hp + bb * P,
+                                        out);
+          }
         }
-        row_forward<acc_t>(L, v, xp + (t * B + bb) * 4 * H, rp + bb * 4 * H, bp,
-                           zcp ? zcp + (t * B + bb) * H : nullptr, cp + bb * H, sv_t + bb * L.K, mp + bb * H);
-        if (!s.has_proj) {
-          row_output<scalar_t, acc_t>(P, v, mp + bb * H, zhp ? zhp + (t * B + bb) * P : nullptr, hp + bb * P, out);
-        }
+      };
+      if (inner) {
+        at::parallel_for(b0, b1, std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)), rows_fn);
+      } else {
+        rows_fn(b0, b1);
       }
-    });
-    if (s.has_proj) {
-      acc_t* qp = hq.data_ptr<acc_t>();
-      gemm_blas<acc_t>(false, true, rows, P, H, acc_t(1), mp, H, whr.data_ptr<acc_t>(), H, acc_t(0), qp, P);
-      for (int64_t bb = 0; bb < B; ++bb) {
-        if (act.active(bb, t)) {
-          row_output<scalar_t, acc_t>(P, v, qp + bb * P, zhp ? zhp + (t * B + bb) * P : nullptr, hp + bb * P,
-                                      op + (t * B + bb) * P);
+      if (s.has_proj) {
+        acc_t* qp = hq.data_ptr<acc_t>();
+        gemm_blas<acc_t>(false, true, r1 - b0, P, H, acc_t(1), mp + b0 * H, H, whr.data_ptr<acc_t>(), H, acc_t(0),
+                         qp + b0 * P, P);
+        for (int64_t bb = b0; bb < b1; ++bb) {
+          if (act.active(bb, t)) {
+            row_output<scalar_t, acc_t>(P, v, qp + bb * P, zhp ? zhp + (t * B + bb) * P : nullptr, hp + bb * P,
+                                        op + (t * B + bb) * P);
+          }
         }
       }
     }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && B >= kMinRowsPerThread * threads) {
+    at::parallel_for(0, B, (B + threads - 1) / threads, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+  } else {
+    run_rows(0, B, true);
   }
   at::Tensor h_n = h.to(input.scalar_type());
   at::Tensor c_n = c.to(input.scalar_type());
@@ -458,75 +504,88 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   const acc_t *gop = gout.data_ptr<acc_t>(), *oap = out_a.data_ptr<acc_t>();
   const acc_t *c0p = c0a.data_ptr<acc_t>(), *h0p = h0a.data_ptr<acc_t>();
   const acc_t zh_p = acc_t(v.zh_p);
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1));
   // The step before t in the direction of the recurrence, and whether row b ran it.
   auto prev_step = [&](int64_t t) { return reverse ? t + 1 : t - 1; };
   auto ran = [&](int64_t bb, int64_t t) { return t >= 0 && t < T && act.active(bb, t); };
-  for (int64_t step = T - 1; step >= 0; --step) {
-    const int64_t t = reverse ? T - 1 - step : step;
-    const int64_t tp = prev_step(t);
-    // dh~ (the candidate's gradient) and zoneout_h's direct share, per active row
-    for (int64_t bb = 0; bb < B; ++bb) {
-      const int64_t r = t * B + bb;
-      if (!act.active(bb, t)) {  // nothing flows through this step: zero rows for the GEMMs
-        std::fill(hpp + r * P, hpp + (r + 1) * P, acc_t(0));
-        std::fill(dap + r * 4 * H, dap + (r + 1) * 4 * H, acc_t(0));
-        if (v.ln) {
-          std::fill(dxp + r * 4 * H, dxp + (r + 1) * 4 * H, acc_t(0));
-          std::fill(drp + r * 4 * H, drp + (r + 1) * 4 * H, acc_t(0));
-          std::fill(dzp + r * H, dzp + (r + 1) * H, acc_t(0));
+  // Rows [b0, b1) back through every step, as the forward's run_rows.
+  auto run_rows = [&](int64_t b0, int64_t b1, bool inner) {
+    for (int64_t step = T - 1; step >= 0; --step) {
+      const int64_t t = reverse ? T - 1 - step : step;
+      const int64_t tp = prev_step(t);
+      // dh~ (the candidate's gradient) and zoneout_h's direct share, per active row
+      for (int64_t bb = b0; bb < b1; ++bb) {
+        const int64_t r = t * B + bb;
+        if (!act.active(bb, t)) {  // nothing flows through this step: zero rows for the GEMMs
+          std::fill(hpp + r * P, hpp + (r + 1) * P, acc_t(0));
+          std::fill(dap + r * 4 * H, dap + (r + 1) * 4 * H, acc_t(0));
+          if (v.ln) {
+            std::fill(dxp + r * 4 * H, dxp + (r + 1) * 4 * H, acc_t(0));
+            std::fill(drp + r * 4 * H, drp + (r + 1) * 4 * H, acc_t(0));
+            std::fill(dzp + r * H, dzp + (r + 1) * H, acc_t(0));
+          }
+          if (s.has_proj) {
+            std::fill(dqp + r * P, dqp + (r + 1) * P, acc_t(0));
+            std::fill(map + r * H, map + (r + 1) * H, acc_t(0));
+          }
+          continue;
         }
-        if (s.has_proj) {
-          std::fill(dqp + r * P, dqp + (r + 1) * P, acc_t(0));
-          std::fill(map + r * H, map + (r + 1) * H, acc_t(0));
+        const acc_t* mh = zhp ? zhp + r * P : nullptr;
+        acc_t* dcand = s.has_proj ? dqp + r * P : dmp + bb * H;
+        for (int64_t j = 0; j < P; ++j) {
+          const acc_t d = dhp[bb * P + j] + gop[r * P + j];
+          if (v.zoneout_h()) {
+            const acc_t z = mh ? mh[j] : zh_p;
+            dcand[j] = (acc_t(1) - z) * d;
+            dkp[bb * P + j] = z * d;
+          } else {
+            dcand[j] = d;
+          }
         }
-        continue;
+        const acc_t* hsrc = ran(bb, tp) ? oap + (tp * B + bb) * P : h0p + bb * P;
+        std::copy(hsrc, hsrc + P, hpp + r * P);
       }
-      const acc_t* mh = zhp ? zhp + (t * B + bb) * P : nullptr;
-      acc_t* dcand = s.has_proj ? dqp + (t * B + bb) * P : dmp + bb * H;
-      for (int64_t j = 0; j < P; ++j) {
-        const acc_t d = dhp[bb * P + j] + gop[(t * B + bb) * P + j];
-        if (v.zoneout_h()) {
-          const acc_t z = mh ? mh[j] : zh_p;
-          dcand[j] = (acc_t(1) - z) * d;
-          dkp[bb * P + j] = z * d;
-        } else {
-          dcand[j] = d;
-        }
+      if (s.has_proj) {  // dm = dh~ @ w_hr (rows of inactive steps are zero)
+        gemm_blas<acc_t>(false, false, b1 - b0, H, P, acc_t(1), dqp + (t * B + b0) * P, P, whr.data_ptr<acc_t>(), H,
+                         acc_t(0), dmp + b0 * H, H);
       }
-      const acc_t* hsrc = ran(bb, tp) ? oap + (tp * B + bb) * P : h0p + bb * P;
-      std::copy(hsrc, hsrc + P, hpp + (t * B + bb) * P);
-    }
-    if (s.has_proj) {  // dm = dh~ @ w_hr (rows of inactive steps are zero)
-      gemm_blas<acc_t>(false, false, B, H, P, acc_t(1), dqp + t * B * P, P, whr.data_ptr<acc_t>(), H, acc_t(0),
-                       dmp, H);
-    }
-    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      acc_t* tp_buf = tmp.data_ptr<acc_t>() + at::get_thread_num() * H;
+      auto rows_fn = [&](int64_t lo, int64_t hi) {
+        acc_t* tp_buf = tmp.data_ptr<acc_t>() + at::get_thread_num() * H;
+        for (int64_t bb = lo; bb < hi; ++bb) {
+          if (!act.active(bb, t)) continue;
+          const acc_t* sv = sp + (t * B + bb) * L.K;
+          const acc_t* c_prev = ran(bb, tp) ? sp + (tp * B + bb) * L.K + L.c : c0p + bb * H;
+          const int64_t r = t * B + bb;
+          row_backward<acc_t>(L, v, sv, dmp + bb * H, c_prev, zcp ? zcp + r * H : nullptr, dcp + bb * H,
+                              dap + r * 4 * H, dzp ? dzp + r * H : nullptr, dxp + r * 4 * H, drp + r * 4 * H, tp_buf);
+          if (s.has_proj) {
+            using Vec = Vectorized<acc_t>;
+            for_vec<acc_t>(H, [&](int64_t j, int64_t n) {
+              (Vec::loadu(sv + L.gates + 3 * H + j, n) * Vec::loadu(sv + L.y + j, n)).store(map + r * H + j, n);
+            });
+          }
+        }
+      };
+      if (inner) {
+        at::parallel_for(b0, b1, std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)), rows_fn);
+      } else {
+        rows_fn(b0, b1);
+      }
+      // dh_{t-1} = dr_t @ w_hh (+ zoneout_h's share) for active rows; others keep theirs
+      gemm_blas<acc_t>(false, false, b1 - b0, P, 4 * H, acc_t(1), drp + (t * B + b0) * 4 * H, 4 * H,
+                       whh.data_ptr<acc_t>(), P, acc_t(0), dhr + b0 * P, P);
       for (int64_t bb = b0; bb < b1; ++bb) {
         if (!act.active(bb, t)) continue;
-        const acc_t* sv = sp + (t * B + bb) * L.K;
-        const acc_t* c_prev = ran(bb, tp) ? sp + (tp * B + bb) * L.K + L.c : c0p + bb * H;
-        const int64_t r = t * B + bb;
-        row_backward<acc_t>(L, v, sv, dmp + bb * H, c_prev, zcp ? zcp + r * H : nullptr, dcp + bb * H,
-                            dap + r * 4 * H, dzp ? dzp + r * H : nullptr, dxp + r * 4 * H, drp + r * 4 * H, tp_buf);
-        if (s.has_proj) {
-          using Vec = Vectorized<acc_t>;
-          for_vec<acc_t>(H, [&](int64_t j, int64_t n) {
-            (Vec::loadu(sv + L.gates + 3 * H + j, n) * Vec::loadu(sv + L.y + j, n)).store(map + r * H + j, n);
-          });
+        for (int64_t j = 0; j < P; ++j) {
+          dhp[bb * P + j] = dhr[bb * P + j] + (v.zoneout_h() ? dkp[bb * P + j] : acc_t(0));
         }
       }
-    });
-    // dh_{t-1} = dr_t @ w_hh (+ zoneout_h's share) for active rows; others keep theirs
-    gemm_blas<acc_t>(false, false, B, P, 4 * H, acc_t(1), drp + t * B * 4 * H, 4 * H, whh.data_ptr<acc_t>(), P,
-                     acc_t(0), dhr, P);
-    for (int64_t bb = 0; bb < B; ++bb) {
-      if (!act.active(bb, t)) continue;
-      for (int64_t j = 0; j < P; ++j) {
-        dhp[bb * P + j] = dhr[bb * P + j] + (v.zoneout_h() ? dkp[bb * P + j] : acc_t(0));
-      }
     }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && B >= kMinRowsPerThread * threads) {
+    at::parallel_for(0, B, (B + threads - 1) / threads, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+  } else {
+    run_rows(0, B, true);
   }
   const auto dt = input.scalar_type();
   const at::Tensor x = input.reshape({T * B, I}).to(acc);
@@ -534,16 +593,20 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   at::Tensor grad_input = at::mm(dx2, w_ih.to(acc)).view({T, B, I}).to(dt);
   at::Tensor grad_w_ih = at::mm(dx2.t(), x).to(dt);
   at::Tensor grad_w_hh = at::mm(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P})).to(dt);
-  at::Tensor grad_bias = da.view({T * B, 4 * H}).sum(0).to(dt);
+  auto column_sum = [&](int64_t n, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb) {
+    at::Tensor out = at::empty({n}, acc);
+    column_dot<acc_t>(T * B, n, a, lda, b, ldb, out.data_ptr<acc_t>());
+    return out.to(dt);
+  };
+  at::Tensor grad_bias = column_sum(4 * H, dap, 4 * H, nullptr, 0);
   at::Tensor grad_w_hr = s.has_proj ? at::mm(dq.view({T * B, P}).t(), m_all.view({T * B, H})).to(dt)
                                     : at::empty({0}, input.options());
   at::Tensor g_ih, g_hh, g_cw, g_cb;
   if (v.ln) {
-    const at::Tensor sv = saved.view({T * B, L.K});
-    g_ih = (da.view({T * B, 4 * H}) * sv.narrow(1, L.xhat, 4 * H)).sum(0).to(dt);
-    g_hh = (da.view({T * B, 4 * H}) * sv.narrow(1, L.rhat, 4 * H)).sum(0).to(dt);
-    g_cw = (dz.view({T * B, H}) * sv.narrow(1, L.chat, H)).sum(0).to(dt);
-    g_cb = dz.view({T * B, H}).sum(0).to(dt);
+    g_ih = column_sum(4 * H, dap, 4 * H, sp + L.xhat, L.K);
+    g_hh = column_sum(4 * H, dap, 4 * H, sp + L.rhat, L.K);
+    g_cw = column_sum(H, dzp, H, sp + L.chat, L.K);
+    g_cb = column_sum(H, dzp, H, nullptr, 0);
   } else {
     g_ih = at::empty({0}, input.options());
     g_hh = at::empty({0}, input.options());
