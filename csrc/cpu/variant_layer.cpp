@@ -31,6 +31,8 @@
 #include "cpu/block_cache.h"
 #include "cpu/gate_math.h"
 #include "cpu/gemm/blas.h"
+#include "cpu/gemm/parallel.h"
+#include "cpu/gemm/serial.h"
 #include "cpu/lengths.h"
 #include "lstm_checks.h"
 
@@ -189,6 +191,19 @@ void column_dot(int64_t rows, int64_t n, const acc_t* a, int64_t lda, const acc_
   });
 }
 
+// C[M, N] = A[M, K] @ B[K, N] (row-major, leading dimensions given): on the calling thread, or
+// (inner) in parallel over column blocks. Each element is summed over k in the same order either way.
+template <typename acc_t>
+void mm(bool inner, int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
+        acc_t* C, int64_t ldc) {
+  if (M <= 0) return;
+  if (inner) {
+    gemm_nn_parallel<acc_t>(M, N, K, A, lda, B, ldb, C, ldc);
+  } else {
+    gemm_nn_serial<acc_t>(M, N, K, A, lda, B, ldb, C, ldc);
+  }
+}
+
 // ---- forward -------------------------------------------------------------------------------------
 
 // Saved-row offsets (csrc/fastlstm.cpp).
@@ -303,6 +318,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor x = input.reshape({T * B, I}).to(acc).contiguous();
   const at::Tensor wih = w_ih.to(acc).contiguous(), whh = w_hh.to(acc).contiguous();
   const at::Tensor whr = s.has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
+  // [P, 4H] and [H, P]: the step products' right-hand sides, row-major (gemm_nn)
+  const at::Tensor whh_t = whh.t().contiguous();
+  const at::Tensor whr_t = s.has_proj ? whr.t().contiguous() : at::Tensor();
   const at::Tensor b = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   at::Tensor xg = cached_empty({T * B, 4 * H}, acc);
   gemm_blas<acc_t>(false, true, T * B, 4 * H, I, acc_t(1), x.data_ptr<acc_t>(), I, wih.data_ptr<acc_t>(), I,
@@ -340,8 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const int64_t t = reverse ? T - 1 - step : step;
       // With sorted lengths the running rows are a prefix: the GEMMs skip the others.
       const int64_t r1 = act.sorted ? std::min(b1, std::max(b0, act.rows(t))) : b1;
-      gemm_blas<acc_t>(false, true, r1 - b0, 4 * H, P, acc_t(1), hp + b0 * P, P, whh.data_ptr<acc_t>(), P,
-                       acc_t(0), rp + b0 * 4 * H, 4 * H);
+      mm<acc_t>(inner, r1 - b0, 4 * H, P, hp + b0 * P, P, whh_t.data_ptr<acc_t>(), 4 * H, rp + b0 * 4 * H, 4 * H);
       acc_t* sv_t = training ? saved.data_ptr<acc_t>() + t * B * L.K : scratch.data_ptr<acc_t>();
       auto rows_fn = [&](int64_t lo, int64_t hi) {
         for (int64_t bb = lo; bb < hi; ++bb) {
@@ -369,8 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
       if (s.has_proj) {
         acc_t* qp = hq.data_ptr<acc_t>();
-        gemm_blas<acc_t>(false, true, r1 - b0, P, H, acc_t(1), mp + b0 * H, H, whr.data_ptr<acc_t>(), H, acc_t(0),
-                         qp + b0 * P, P);
+        mm<acc_t>(inner, r1 - b0, P, H, mp + b0 * H, H, whr_t.data_ptr<acc_t>(), P, qp + b0 * P, P);
         for (int64_t bb = b0; bb < b1; ++bb) {
           if (act.active(bb, t)) {
             row_output<scalar_t, acc_t>(P, v, qp + bb * P, zhp ? zhp + (t * B + bb) * P : nullptr, hp + bb * P,
@@ -545,8 +561,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
         std::copy(hsrc, hsrc + P, hpp + r * P);
       }
       if (s.has_proj) {  // dm = dh~ @ w_hr (rows of inactive steps are zero)
-        gemm_blas<acc_t>(false, false, b1 - b0, H, P, acc_t(1), dqp + (t * B + b0) * P, P, whr.data_ptr<acc_t>(), H,
-                         acc_t(0), dmp + b0 * H, H);
+        mm<acc_t>(inner, b1 - b0, H, P, dqp + (t * B + b0) * P, P, whr.data_ptr<acc_t>(), H, dmp + b0 * H, H);
       }
       auto rows_fn = [&](int64_t lo, int64_t hi) {
         acc_t* tp_buf = tmp.data_ptr<acc_t>() + at::get_thread_num() * H;
@@ -571,8 +586,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
         rows_fn(b0, b1);
       }
       // dh_{t-1} = dr_t @ w_hh (+ zoneout_h's share) for active rows; others keep theirs
-      gemm_blas<acc_t>(false, false, b1 - b0, P, 4 * H, acc_t(1), drp + (t * B + b0) * 4 * H, 4 * H,
-                       whh.data_ptr<acc_t>(), P, acc_t(0), dhr + b0 * P, P);
+      mm<acc_t>(inner, b1 - b0, P, 4 * H, drp + (t * B + b0) * 4 * H, 4 * H, whh.data_ptr<acc_t>(), P, dhr + b0 * P, P);
       for (int64_t bb = b0; bb < b1; ++bb) {
         if (!act.active(bb, t)) continue;
         for (int64_t j = 0; j < P; ++j) {
