@@ -661,6 +661,8 @@ def main(argv=None):
     env = report.environment(CPU, impl)
     env.update(
         fastlstm_variant_backend="compiled" if ops._VARIANT_COMPILED.get("cpu", False) else "reference",
+        # `git` is this script's checkout; the fastlstm measured is the one imported from here.
+        fastlstm_path=os.path.dirname(os.path.abspath(impl.__file__)),
         module_api=has_module_api(impl),
         api=args.api,
         dtype="float32",

@@ -55,7 +55,7 @@ def test_quick_run_writes_the_table_json_csv_and_markdown(bv, tmp_path):
     assert "targets: speedup >= 3x" in out
 
     doc = json.loads((out_dir / "results.json").read_text())
-    for key in ("cpu", "cpu_flags", "torch_cpu_capability", "fastlstm_cpu_isa", "fastlstm_variant_backend", "torch",
+    for key in ("cpu", "cpu_flags", "torch_cpu_capability", "fastlstm_cpu_isa", "fastlstm_variant_backend", "fastlstm_path", "torch",
                 "threads", "allocator", "git", "command", "date", "api", "shapes", "variants", "targets",
                 "geomeans", "targets_met", "load_average_before", "load_average_after"):
         assert key in doc, key
