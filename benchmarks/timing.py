@@ -1,4 +1,5 @@
-"""The timing loop of every benchmark CLI (bench_lstm.py, bench_cell.py, bench_onnx.py).
+"""The timing loop of every benchmark CLI (bench_lstm.py, bench_cell.py, bench_onnx.py,
+bench_variants.py).
 
 Implementations are warmed up, then timed in interleaved blocks: one block of each per round, the
 order reversed every other round (a b, b a, a b, ...), so that machine noise hits all of them. A
