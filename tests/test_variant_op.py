@@ -179,3 +179,21 @@ def test_batch_split_across_threads(combo, lengths, threads):
                 torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-11)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_nan_in_padding_does_not_reach_gradients():
+    # Steps past a sequence's length are never read: NaN there changes nothing (as in the plain op).
+    combo = ("zoneout_mask", "clip", "layer_norm")
+    args, kw = make_case(combo, lengths=[5, 2, 0, 3])
+    clean_out, clean_g = run(ops.lstm_variant_layer, args, kw, False)
+    lengths = args["lengths"]
+    pad = torch.arange(5).unsqueeze(1) >= lengths.unsqueeze(0)  # [T, B]
+    dirty = dict(args, input=args["input"].masked_fill(pad.unsqueeze(2), float("nan")))
+    out, g = run(ops.lstm_variant_layer, dirty, kw, False)
+    for a, b in zip(out, clean_out):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in g:
+        if name == "input":
+            torch.testing.assert_close(g[name][~pad], clean_g[name][~pad], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(g[name], clean_g[name], rtol=0, atol=0)

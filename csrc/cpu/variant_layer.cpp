@@ -602,7 +602,18 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
     run_rows(0, B, true);
   }
   const auto dt = input.scalar_type();
-  const at::Tensor x = input.reshape({T * B, I}).to(acc);
+  at::Tensor x = input.reshape({T * B, I}).to(acc);
+  if (act.len != nullptr) {
+    // Steps past a sequence's length: zeros instead of whatever the padding holds, so that a NaN
+    // there cannot reach grad_w_ih through their zero rows of dxg.
+    x = x.clone();
+    acc_t* xw = x.data_ptr<acc_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t bb = 0; bb < B; ++bb) {
+        if (!act.active(bb, t)) std::fill(xw + (t * B + bb) * I, xw + (t * B + bb + 1) * I, acc_t(0));
+      }
+    }
+  }
   const at::Tensor dx2 = dxg.view({T * B, 4 * H});
   at::Tensor grad_input = at::mm(dx2, w_ih.to(acc)).view({T, B, I}).to(dt);
   at::Tensor grad_w_ih = at::mm(dx2.t(), x).to(dt);
