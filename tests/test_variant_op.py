@@ -122,7 +122,7 @@ def test_no_grad_saves_nothing_and_matches():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_against_float64(dtype):
     # 16-bit input computes in float32 and rounds h each step; float32 computes in float32. Bound:
     # a small multiple of the dtype's error of the reference computed in that dtype (torch's own).
