@@ -5,6 +5,9 @@ parameters, initialisation, ``state_dict``, ``all_weights``, ``flatten_parameter
 torch's own; it is deliberately *not* a ``torch.nn.LSTM`` (Dynamo refuses to compile any instance of
 that class). Only ``forward`` differs: layers and directions are composed from the one-layer op
 (fastlstm.ops.lstm_layer), and a PackedSequence is run through the op's per-sequence lengths.
+The variants (zoneout, weight_drop, layer_norm, cell_clip; docs/variants.md) run each layer through
+fastlstm.ops.lstm_variant_layer instead, or weight drop alone through the plain op with the dropped
+recurrent weights; with none on, forward is the plain LSTM's.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import onnx as _onnx
-from . import ops
+from . import ops, variants
 from .cell import LSTMCell
 
 __all__ = ["LSTM", "replace_lstm"]
@@ -31,8 +34,47 @@ class LSTM(nn.RNNBase):
         "documentation below.\n\n" + (nn.LSTM.__doc__ or "")
     )
 
-    def __init__(self, *args, **kwargs):
+    # The variants (docs/variants.md), off by default. Class attributes, so that a module without
+    # them in its __dict__ (converted by replace_lstm, or unpickled from before they existed) runs
+    # the plain LSTM.
+    zoneout: float | tuple[float, float] = 0.0
+    weight_drop: float = 0.0
+    layer_norm: bool = False
+    cell_clip: float | None = None
+
+    def __init__(self, *args, zoneout=0.0, weight_drop=0.0, layer_norm=False, cell_clip=None,
+                 **kwargs):
+        zoneout = variants.check_zoneout(zoneout)
+        weight_drop = variants.check_weight_drop(weight_drop)
+        layer_norm = variants.check_layer_norm(layer_norm)
+        cell_clip = variants.check_cell_clip(cell_clip)
         super().__init__("LSTM", *args, **kwargs)
+        self.zoneout, self.weight_drop, self.cell_clip = zoneout, weight_drop, cell_clip
+        if layer_norm:
+            self.layer_norm = True
+            variants.add_layer_norm_parameters(self, self._layer_norm_suffixes(),
+                                               self._flat_weights[0])
+
+    def _layer_norm_suffixes(self) -> list[str]:
+        # torch's order: l0, l0_reverse, l1, ...
+        return [f"_l{layer}{'_reverse' if d else ''}" for layer in range(self.num_layers)
+                for d in range(2 if self.bidirectional else 1)]
+
+    def reset_parameters(self) -> None:
+        # torch's (uniform for every parameter: the layer-norm ones, registered last, draw after
+        # torch's), then the layer-norm parameters back to ones and zeros.
+        super().reset_parameters()
+        if self.layer_norm:
+            variants.reset_layer_norm_parameters(self, self._layer_norm_suffixes())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + variants.repr_options(self, weight_drop=True)
+
+    def _variant_options(self) -> variants.Options | None:
+        norms = None
+        if self.layer_norm:
+            norms = [variants.layer_norm_parameters(self, s) for s in self._layer_norm_suffixes()]
+        return variants.options(self, norms, self.weight_drop)
 
     # torch.nn.LSTM's own shape checks and hidden-state permutation, so errors read the same.
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -130,19 +172,24 @@ class LSTM(nn.RNNBase):
             plan = ops.lstm_autocast_dtypes(x, hx, weights, autocast, self.proj_size > 0,
                                             self.num_layers, self.bidirectional, onednn,
                                             batch_sizes)
+        variant = self._variant_options()
+        norms = variant.layer_norm if variant is not None else None
         if plan is not None:
             x = ops.autocast_cast(x, plan[0])
             reverse_input = ops.autocast_cast(reverse_input, plan[0])
             hx = tuple(ops.autocast_cast(t, plan[0]) for t in hx)
             weights = [ops.autocast_cast(w, plan[0]) for w in weights]
-        _check_dtypes(x, hx, weights)
+            if norms is not None:
+                norms = [tuple(ops.autocast_cast(t, plan[0]) for t in n) for n in norms]
+                variant = variant._replace(layer_norm=norms)
+        _check_dtypes(x, hx, weights if norms is None else [*weights, *(t for n in norms for t in n)])
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         with _autocast_off(x.device.type, autocast):
             output, h_n, c_n = _lstm(
                 x, hx, weights, self.num_layers, num_directions, self.bias,
-                self.proj_size > 0, self.dropout, self.training, lengths, reverse_input,
+                self.proj_size > 0, self.dropout, self.training, lengths, reverse_input, variant,
             )
             if plan is not None and plan[1] is not None:
                 c_n = c_n.to(plan[1])
@@ -267,10 +314,12 @@ def _lstm(
     training: bool,
     lengths: Tensor | None,
     reverse_input: Tensor | None = None,
+    variant: variants.Options | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, B, I] time-major; hx ([L*D, B, P], [L*D, B, H]); weights in torch's _flat_weights order;
-    reverse_input [T, B, I]: the first layer's reverse direction's input where it is not x."""
-    run_layer = _layer_runner(x.device)
+    reverse_input [T, B, I]: the first layer's reverse direction's input where it is not x;
+    variant: the call's variant options, None for the plain LSTM."""
+    run_layer = _layer_runner(x.device) if variant is None else _variant_runner(x.device, variant)
     per_direction = 2 + 2 * int(has_bias) + int(has_proj)
     h0, c0 = hx
     h_n, c_n = [], []
@@ -281,8 +330,10 @@ def _lstm(
              for j in range(k, k + num_directions)]
         if layer == 0 and reverse_input is not None:
             layer_input = (x, reverse_input)
+        extra = {} if variant is None else {"first": k}
         layer_input, h, c = run_layer(layer_input, h0[k:k + num_directions],
-                                      c0[k:k + num_directions], w, has_bias, has_proj, lengths)
+                                      c0[k:k + num_directions], w, has_bias, has_proj, lengths,
+                                      **extra)
         h_n.append(h)
         c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -322,6 +373,48 @@ def _layer_runner(device: torch.device):
         return output, torch.stack(h_n), torch.stack(c_n)
 
     return run_directions
+
+
+def _variant_runner(device: torch.device, variant: variants.Options):
+    """_layer_runner for a call with variants: ``run(x, h0, c0, weights, has_bias, has_proj,
+    lengths, first)``, ``first`` the index of the layer's first direction among all layers' (for its
+    layer-norm parameters). Each direction draws its random masks in this order: its dropped w_hh
+    (weight drop), then zoneout's c mask, then its h mask (docs/variants.md)."""
+    if _onnx.is_exporting():
+        return _onnx.variant_layer_runner(variant)
+    plain = None if variant.needs_variant_op() else ops.layer_function(device)
+
+    def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths, first):
+        outputs, h_n, c_n = [], [], []
+        inputs = x if isinstance(x, tuple) else (x,) * len(weights)
+        for d, w in enumerate(weights):
+            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+            w_hr = w[-1] if has_proj else None
+            w_hh = variant.recurrent_weight(w[1])
+            if plain is not None:
+                out, h, c = plain(inputs[d], h0[d], c0[d], w[0], w_hh, b_ih, b_hh, w_hr, lengths,
+                                  d == 1)
+            else:
+                T, B = inputs[d].shape[0], inputs[d].shape[1]
+                z_c, z_h = variant.zoneout(T, B, w[0].shape[0] // 4, w_hh.shape[1], inputs[d])
+                norm = variant.layer_norm[first + d] if variant.layer_norm is not None else None
+                out, h, c = ops.lstm_variant_layer(inputs[d], h0[d], c0[d], w[0], w_hh, b_ih,
+                                                   b_hh, w_hr, lengths, d == 1, z_c, z_h,
+                                                   variant.cell_clip, norm)
+                out, h, c = (_as_dtype(t, inputs[d].dtype) for t in (out, h, c))
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+        return output, torch.stack(h_n), torch.stack(c_n)
+
+    return run_directions
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # The layer's results in the input's dtype, as the plain op returns them: plain-PyTorch
+    # arithmetic with 16-bit input and a float32 mask would promote them.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _direction_weights(w: list[Tensor], has_bias: bool) -> list[Tensor]:

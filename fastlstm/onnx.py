@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["is_exporting", "lstm_layer", "translation_table"]
+__all__ = ["is_exporting", "lstm_layer", "translation_table", "variant_layer_runner"]
 
 
 def is_exporting() -> bool:
@@ -66,7 +66,7 @@ def lstm_layer(
             "fastlstm: the legacy TorchScript ONNX exporter cannot export fastlstm.LSTM; use "
             "torch.onnx.export(..., dynamo=True)")
     if has_proj:
-        return _projected_layer(x, h0, c0, weights, has_bias, lengths)
+        return _scan_layer(x, h0, c0, weights, has_bias, has_proj, lengths)
     T, B, _ = x.shape
     D = len(weights)
     H = weights[0][0].shape[0] // 4
@@ -86,19 +86,50 @@ def lstm_layer(
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
 
 
-def _projected_layer(
+def variant_layer_runner(variant):
+    """lstm_layer for a module with variants (fastlstm.variants.Options ``variant``), taking also
+    ``first``, the index of the layer's first direction among all layers' (for its layer-norm
+    parameters). In evaluation, zoneout (its expectation), layer normalisation and cell clipping
+    are plain arithmetic in the loop body: each direction is a Scan (_scan_layer). In training,
+    zoneout and weight drop draw random masks, which an exported graph would not redraw: refused."""
+    random = [name for name, on in (("zoneout", variant.zoneout_c or variant.zoneout_h),
+                                    ("weight_drop", variant.weight_drop)) if on]
+    if variant.training and random:
+        raise RuntimeError(
+            f"fastlstm: ONNX export of an LSTM with {' and '.join(random)} in training mode is not "
+            "supported (its random masks would be fixed in the graph); export the model in "
+            "evaluation mode (model.eval()), where zoneout is its expectation and weight_drop off")
+
+    def run(x, h0, c0, weights, has_bias, has_proj, lengths, first):
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                "fastlstm: the legacy TorchScript ONNX exporter cannot export fastlstm.LSTM; use "
+                "torch.onnx.export(..., dynamo=True)")
+        norms = variant.layer_norm
+        return _scan_layer(x, h0, c0, weights, has_bias, has_proj, lengths, variant,
+                           norms[first:first + len(weights)] if norms is not None else None)
+
+    return run
+
+
+def _scan_layer(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
     weights: list[list[Tensor]],
     has_bias: bool,
+    has_proj: bool,
     lengths: Tensor | None,
+    variant=None,
+    norms: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """lstm_layer with proj_size, which ONNX's LSTM lacks: torch's scan over time per direction,
-    which the exporter translates to an ONNX Scan (the reverse one as a Scan over flipped steps).
-    The input's share of the gates is one MatMul over all steps, outside the loop; a step at
-    t >= lengths[b] keeps sequence b's state and outputs zeros (fastlstm.reference.lstm_layer's
-    rule), which also starts the reverse direction at each sequence's own end."""
+    """lstm_layer with proj_size, which ONNX's LSTM lacks, or with the variants of ``variant``
+    (evaluation; ``norms`` each direction's layer-norm parameters): torch's scan over time per
+    direction, which the exporter translates to an ONNX Scan (the reverse one as a Scan over
+    flipped steps). The input's share of the gates is one MatMul over all steps, outside the loop;
+    a step at t >= lengths[b] keeps sequence b's state and outputs zeros
+    (fastlstm.reference.lstm_layer's rule), which also starts the reverse direction at each
+    sequence's own end."""
     try:
         from torch._higher_order_ops.scan import scan
     except ImportError as e:  # a private module: say what is missing if a torch moves it
@@ -112,13 +143,20 @@ def _projected_layer(
     outputs, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
         gates_x = x @ w[0].t()  # [T, B, 4H]
-        if has_bias:
-            gates_x = gates_x + (w[2].reshape(-1) + w[3].reshape(-1))
+        bias = w[2].reshape(-1) + w[3].reshape(-1) if has_bias else None
+        if bias is not None and variant is None:
+            gates_x = gates_x + bias
 
-        def step(state, xs, w_hh=w[1], w_hr=w[-1]):
+        def step(state, xs, w_hh=w[1], w_hr=w[-1] if has_proj else None, bias=bias,
+                 norm=norms[d] if norms is not None else None):
             h, c = state
             g_x, a = xs
-            h_new, c_new = reference.lstm_step(g_x, h, c, w_hh, w_hr)
+            if variant is None:
+                h_new, c_new = reference.lstm_step(g_x, h, c, w_hh, w_hr)
+            else:  # layer norm normalises x_t W_ih^T before the bias is added
+                h_new, c_new = reference.lstm_variant_step(
+                    g_x, h, c, w_hh, bias, w_hr, variant.zoneout_c or None,
+                    variant.zoneout_h or None, variant.cell_clip, norm)
             return ((torch.where(a, h_new, h), torch.where(a, c_new, c)),
                     torch.where(a, h_new, 0.0))
 
@@ -171,7 +209,7 @@ def translation_table() -> dict:
                 empty, empty)
 
     def projected(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse):
-        # As _projected_layer: the input's share of the gates for all steps, then a Scan.
+        # As _scan_layer: the input's share of the gates for all steps, then a Scan.
         axis0, axis1 = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
 
         def flip(t):  # along time: the reverse direction runs a forward Scan on reversed steps
