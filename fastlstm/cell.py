@@ -109,7 +109,7 @@ def _variant_step(variant: variants.Options):
         norm = variant.layer_norm[0] if variant.layer_norm is not None else None
         _, h, c = ops.lstm_variant_layer(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, None,
                                          None, False, z_c, z_h, variant.cell_clip, norm)
-        # In the input's dtype, as lstm_cell returns them (a float32 mask would promote 16-bit ones).
+        # In the input's dtype, as lstm_cell returns them (a float32 mask promotes 16-bit ones).
         return (h if h.dtype == input.dtype else h.to(input.dtype),
                 c if c.dtype == input.dtype else c.to(input.dtype))
 

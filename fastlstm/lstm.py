@@ -182,7 +182,8 @@ class LSTM(nn.RNNBase):
             if norms is not None:
                 norms = [tuple(ops.autocast_cast(t, plan[0]) for t in n) for n in norms]
                 variant = variant._replace(layer_norm=norms)
-        _check_dtypes(x, hx, weights if norms is None else [*weights, *(t for n in norms for t in n)])
+        _check_dtypes(x, hx, weights if norms is None else
+                      [*weights, *(t for n in norms for t in n)])
         if x.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
@@ -382,6 +383,7 @@ def _variant_runner(device: torch.device, variant: variants.Options):
     (weight drop), then zoneout's c mask, then its h mask (docs/variants.md)."""
     if _onnx.is_exporting():
         return _onnx.variant_layer_runner(variant)
+    _onnx.refuse_random_variants(variant)
     plain = None if variant.needs_variant_op() else ops.layer_function(device)
 
     def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths, first):

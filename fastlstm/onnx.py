@@ -28,7 +28,8 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["is_exporting", "lstm_layer", "translation_table", "variant_layer_runner"]
+__all__ = ["is_exporting", "lstm_layer", "refuse_random_variants", "translation_table",
+           "variant_layer_runner"]
 
 
 def is_exporting() -> bool:
@@ -86,19 +87,30 @@ def lstm_layer(
     return y.permute(0, 2, 1, 3).reshape(T, B, D * H), h_n, c_n
 
 
+def refuse_random_variants(variant) -> None:
+    """Raises while torch.onnx.export traces a module whose variants draw random masks (zoneout,
+    weight drop in training mode), which an exported graph would not redraw. Also under the
+    exporter's fallback to torch.export(strict=True), where Dynamo reads is_exporting() as False:
+    there the exporter's own flag (private, hence read defensively) says it is running."""
+    random = [name for name, on in (("zoneout", variant.zoneout_c or variant.zoneout_h),
+                                    ("weight_drop", variant.weight_drop)) if on]
+    if not (variant.training and random):
+        return
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    if is_exporting() or (flags is not None and getattr(flags, "_is_onnx_exporting", False)):
+        raise RuntimeError(
+            f"fastlstm: ONNX export of an LSTM with {' and '.join(random)} in training mode is not "
+            "supported (an exported graph is for inference); export the model in "
+            "evaluation mode (model.eval()), where zoneout is its expectation and weight_drop off")
+
+
 def variant_layer_runner(variant):
     """lstm_layer for a module with variants (fastlstm.variants.Options ``variant``), taking also
     ``first``, the index of the layer's first direction among all layers' (for its layer-norm
     parameters). In evaluation, zoneout (its expectation), layer normalisation and cell clipping
     are plain arithmetic in the loop body: each direction is a Scan (_scan_layer). In training,
-    zoneout and weight drop draw random masks, which an exported graph would not redraw: refused."""
-    random = [name for name, on in (("zoneout", variant.zoneout_c or variant.zoneout_h),
-                                    ("weight_drop", variant.weight_drop)) if on]
-    if variant.training and random:
-        raise RuntimeError(
-            f"fastlstm: ONNX export of an LSTM with {' and '.join(random)} in training mode is not "
-            "supported (its random masks would be fixed in the graph); export the model in "
-            "evaluation mode (model.eval()), where zoneout is its expectation and weight_drop off")
+    zoneout and weight drop draw random masks: refused (refuse_random_variants)."""
+    refuse_random_variants(variant)
 
     def run(x, h0, c0, weights, has_bias, has_proj, lengths, first):
         if torch.jit.is_tracing():

@@ -120,7 +120,8 @@ class Options(NamedTuple):
             return F.dropout(w_hh, self.weight_drop, training=True)
         return w_hh
 
-    def zoneout(self, T, B, H, P, like: Tensor) -> tuple[Tensor | float | None, Tensor | float | None]:
+    def zoneout(self, T, B, H, P, like: Tensor
+                ) -> tuple[Tensor | float | None, Tensor | float | None]:
         """(zoneout_c, zoneout_h) for ops.lstm_variant_layer: in training Bernoulli(z) masks
         [T, B, H] and [T, B, P] in the cell dtype (1 keeps the previous value; c's drawn first),
         in evaluation the float z (the expectation); None where z is 0."""
