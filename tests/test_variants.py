@@ -9,8 +9,9 @@ batch_first, dropout, PackedSequence, lengths= and unbatched input; gradcheck an
 with the masks fixed by seeding. The masks' rates, and that they are redrawn per step / per call,
 are read off the module's own outputs and gradients (a kept state equals its previous value
 exactly; a dropped weight gets a zero gradient). Also: construction errors, parameters, state_dict
-and repr; the default module is the plain LSTM, bitwise; bfloat16 against float64 within a
-multiple of plain PyTorch's own bfloat16 error; torch.compile, torch.export and ONNX."""
+and repr; the default module is the plain LSTM, bitwise; bfloat16 and float16 against float64
+within a multiple of plain PyTorch's own error in that dtype; torch.compile, torch.export and
+ONNX."""
 from __future__ import annotations
 
 import copy
@@ -726,13 +727,13 @@ def test_cell_default_is_the_plain_cell(monkeypatch):
 
 # ---- low precision -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", ["zoneout_pair", "weight_drop", "layer_norm", "all"])
-def test_bfloat16_error_within_plain_pytorch_error(variant, training):
-    # Against the float64 oracle with the bfloat16 module's weights and masks: our error at most
-    # LOW_PRECISION_MULTIPLE times the error of the plain-PyTorch variant run in bfloat16 (what a
-    # user's loop of ATen ops would give), plus bfloat16 rounding at the reference's scale.
-    dtype = torch.bfloat16
+def test_low_precision_error_within_plain_pytorch_error(variant, training, dtype):
+    # Against the float64 oracle with the 16-bit module's weights and masks: our error at most
+    # LOW_PRECISION_MULTIPLE times the error of the plain-PyTorch variant run in that dtype (what a
+    # user's loop of ATen ops would give), plus that dtype's rounding at the reference's scale.
     m = make_lstm(I=32, H=48, **VARIANTS[variant], num_layers=2).to(dtype).train(training)
     x = torch.randn(20, 8, 32).to(dtype)
     zeros = (torch.zeros(2, 8, 48, dtype=dtype),) * 2
@@ -753,8 +754,8 @@ def test_bfloat16_error_within_plain_pytorch_error(variant, training):
         assert err <= low_precision_atol(dtype, torch_err, e), (err, torch_err)
 
 
-def test_cell_bfloat16_error_within_plain_pytorch_error():
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cell_low_precision_error_within_plain_pytorch_error(dtype):
     cell = make_cell(I=32, H=48, **CELL_VARIANTS["all"]).to(dtype)
     x, h, c = (torch.randn(8, n).to(dtype) for n in (32, 48, 48))
     params64 = {n: p.double() for n, p in cell.named_parameters()}
