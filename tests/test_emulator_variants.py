@@ -95,7 +95,8 @@ class VCase:
         self.zh = mask(T, B, P) if zh == "mask" else zh
         self.lengths = None
         if lengths:
-            ln = torch.randint(0, T + 1, (B,), generator=g)
+            # Strictly inside (0, T) except the first (nothing to run) and the last (all of it).
+            ln = torch.randint(1, max(T, 2), (B,), generator=g)
             ln[0], ln[-1] = 0, T
             self.lengths = ln
         g2 = torch.Generator().manual_seed(seed + 1)
@@ -254,16 +255,33 @@ def check_forward_layer_f64(case, fwd):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def reference_grads(case, dtype):
+class _Round(torch.autograd.Function):
+    """Rounding to a dtype (in float64) with the gradient of the identity: where the layer code
+    rounds in the forward, its backward passes the gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return rounding.round_to(x, dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def reference_grads(case, dtype, round_as=None, kernel_output=None):
     """torch.autograd through reference.lstm_variant_step in `dtype`: the gradients of every input
-    and parameter, and per step those of the pre-activations (dpre) and of x_t W_ih^T (dxg)."""
+    and parameter, and per step those of the pre-activations (dpre) and of x_t W_ih^T (dxg). With
+    round_as (in float64), x_t W_ih^T is rounded to that dtype as the layer code rounds it, and each
+    h_t is the kernels' (kernel_output, T-rounded), both with the identity's gradient, so that the
+    gradients are those of the forward the kernels ran."""
+    rnd = (lambda v: v) if round_as is None else (lambda v: _Round.apply(v, round_as))  # noqa: E731
     leaf = lambda v: None if v is None else v.detach().to(dtype).clone().requires_grad_()  # noqa: E731
     x, h0, c0, w_ih, w_hh, bias, w_hr = map(leaf, (case.x, case.h0, case.c0, case.w_ih, case.w_hh,
                                                     case.bias, case.w_hr))
     ln = None if case.ln is None else tuple(leaf(v) for v in case.ln)
     cast = lambda z: z.to(dtype) if isinstance(z, torch.Tensor) else z  # noqa: E731
     zc, zh = cast(case.zc), cast(case.zh)
-    xg = F.linear(x, w_ih)
+    xg = rnd(F.linear(x, w_ih))
     xg.retain_grad()
     bias_steps = bias.expand(case.T, case.B, 4 * case.H).clone()
     bias_steps.retain_grad()
@@ -273,6 +291,8 @@ def reference_grads(case, dtype):
         h_new, c_new = reference.lstm_variant_step(xg[t], h, c, w_hh, bias_steps[t], w_hr,
                                                    case.zone_at(zc, t), case.zone_at(zh, t),
                                                    case.clip, ln)
+        if kernel_output is not None:
+            h_new = h_new + (kernel_output[t].double() - h_new).detach()
         a = case.active(t).unsqueeze(1)
         h, c = torch.where(a, h_new, h), torch.where(a, c_new, c)
         outputs[t] = torch.where(a, h_new, torch.zeros_like(h_new))
@@ -299,6 +319,8 @@ CLOSE = {torch.float64: 1e-11, torch.float32: 3e-5}
 
 
 def check_backward(case, fwd, bwd):
+    if case.dtype != F64:
+        check_backward_rounded(case, fwd, bwd)
     ref = reference_grads(case, F64)
     low = case.dtype not in CLOSE
     own = reference_grads(case, case.dtype) if low else None
@@ -316,6 +338,25 @@ def check_backward(case, fwd, bwd):
             bound = 4 * c + torch.finfo(case.dtype).eps * scale
             assert e <= bound, (f"{name}: error {e:.3g} against float64 autograd, torch's own in "
                                 f"{_id(case.dtype)} is {c:.3g} (bound {bound:.3g})")
+
+
+def check_backward_rounded(case, fwd, bwd):
+    """The backward computes in the cell type from the forward's saved rows and rounds only what it
+    stores in the input dtype (lstm_variant_host.h): against the gradients of the forward the kernels
+    ran (float64, rounded where they round), the per-step gradients of the pre-activations and
+    grad_c0, both kept in the cell type, are within its precision; grad_h0, rounded once, within
+    half an ulp more. The reference's h_t is the kernels' (as in tests/emu/rounding.py), so that a
+    rounding that went the other way cannot move it by an ulp."""
+    ref = reference_grads(case, F64, round_as=case.dtype, kernel_output=fwd["output"])
+    for name in ("dpre", "grad_c0_acc", "grad_h0"):
+        got, want = bwd[name].double(), ref[name]
+        allowed = acc_tol(case, want)
+        if name == "grad_h0":
+            allowed = allowed + rounding.half_ulp(want, case.dtype)
+        err = (got - want).abs()
+        bad = err > allowed
+        assert not torch.as_tensor(bad).any(), \
+            f"{name}: off by {err.max().item():.3g} from the rounded float64 reference"
 
 
 def check_buffers(case, buffers, training, max_xg):
