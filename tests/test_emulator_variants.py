@@ -14,7 +14,10 @@ directions:
 - backward, on the emulated forward's saved rows: the gradient of every input and parameter, and the
   per-step gradients of the pre-activations and of x_t W_ih^T, against torch.autograd through the
   reference steps (float64 tight, float32 to float32 rounding; 16-bit types within a small multiple
-  of torch's own error when the reference runs in that dtype).
+  of torch's own error when the reference runs in that dtype); for float32 and 16-bit types also the
+  gradients the backward keeps in the cell type (per-step pre-activations, grad_c0; grad_h0 rounded
+  once) against the autograd of the forward the kernels ran (float64, fed with their rounded h_t), to
+  the cell type's precision, so that a backward that carries dc or dh in 16 bits fails.
 Odd shapes (one sequence and unit, H over the block's 128 threads, P > H) run every loop edge; the
 results do not depend on the order in which threads and blocks run (bitwise); a few cases run under
 AddressSanitizer. What the emulator cannot show is in docs/cuda.md."""
