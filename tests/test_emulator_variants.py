@@ -416,7 +416,7 @@ def test_variant_flags(sm80, dtype, ln, clip, zone, proj):
 # Loop edges: one sequence and one unit (the layer norm of a single element), H over the 128 threads
 # of a block (a thread owns two units) with P > kThreads, P > H.
 SHAPES = {"t1-b1-h1-p1": (1, 1, 3, 1, 1), "t3-b2-h150-p131": (3, 2, 5, 150, 131),
-          "t2-b9-h9-p24": (2, 9, 4, 9, 24)}
+          "t4-b17-h9-p24": (4, 17, 4, 9, 24)}
 SHAPE_CASES = [
     pytest.param(dtype, shape, on, id=f"{_id(dtype)}-{shape}-{'all' if on else 'none'}")
     for dtype in DTYPES for shape in SHAPES for on in (False, True)
@@ -452,7 +452,7 @@ ORDERS = [
 
 
 @pytest.mark.parametrize("dtype, shape", [(torch.float32, "t3-b2-h150-p131"),
-                                          (torch.bfloat16, "t2-b9-h9-p24")],
+                                          (torch.bfloat16, "t4-b17-h9-p24")],
                          ids=lambda v: _id(v) if isinstance(v, torch.dtype) else v)
 def test_variant_orders_bitwise(sm80, dtype, shape):
     case = VCase(dtype, True, True, "cmask", True, lengths=True, reverse=True, dims=SHAPES[shape])

@@ -263,6 +263,7 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
   at::Tensor dh_rec = at::empty({nb.dh_rec}, cell_opts);
   at::Tensor dc_state = fresh_copy(grad_c_n, cell_opts);
   at::Tensor h_prev = at::empty({nb.h_prev}, opts);
+  at::Tensor partial = at::empty({nb.partial}, cell_opts);
   at::Tensor grad_input = at::empty({T, B, I}, opts);
   at::Tensor grad_h0 = at::empty({B, P}, opts);
   at::Tensor grad_w_ih = at::empty({4 * H, I}, opts);
@@ -299,6 +300,7 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
     a.dh_rec = acc_data<scalar_t>(dh_rec);
     a.dc_state = acc_data<scalar_t>(dc_state);
     a.h_prev = dev_ptr<scalar_t>(h_prev);
+    a.partial = acc_data<scalar_t>(partial);
     a.grad_input = dev_ptr<scalar_t>(grad_input);
     a.grad_h0 = dev_ptr<scalar_t>(grad_h0);
     a.grad_w_ih = dev_ptr<scalar_t>(grad_w_ih);

@@ -422,20 +422,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid: (ceil(N / kThreads)). See lstm_variant_column_sums.
+// Grid: (ceil(N / kThreads), slices). Slice s sums rows [s * per, min(rows, (s + 1) * per)).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    lstm_variant_column_sums_kernel(int64_t rows, int N, const AccT<T>* __restrict__ a, int64_t lda,
-                                    const AccT<T>* __restrict__ b, int64_t ldb, T* __restrict__ out) {
+    lstm_variant_column_partial_kernel(int64_t rows, int64_t per, int N,
+                                       const AccT<T>* __restrict__ a, int64_t lda,
+                                       const AccT<T>* __restrict__ b, int64_t ldb,
+                                       AccT<T>* __restrict__ partial) {
+  using Acc = AccT<T>;
+  const int n = blockIdx.x * kThreads + threadIdx.x;
+  if (n >= N) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * per;
+  const int64_t r1 = r0 + per < rows ? r0 + per : rows;
+  Acc sum = Acc(0);
+  if (b != nullptr) {
+    for (int64_t r = r0; r < r1; ++r) sum += a[r * lda + n] * b[r * ldb + n];
+  } else {
+    for (int64_t r = r0; r < r1; ++r) sum += a[r * lda + n];
+  }
+  partial[static_cast<int64_t>(blockIdx.y) * N + n] = sum;
+}
+
+// Grid: (ceil(N / kThreads)).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_variant_column_total_kernel(int slices, int N, const AccT<T>* __restrict__ partial,
+                                     T* __restrict__ out) {
   using Acc = AccT<T>;
   const int n = blockIdx.x * kThreads + threadIdx.x;
   if (n >= N) return;
   Acc sum = Acc(0);
-  if (b != nullptr) {
-    for (int64_t r = 0; r < rows; ++r) sum += a[r * lda + n] * b[r * ldb + n];
-  } else {
-    for (int64_t r = 0; r < rows; ++r) sum += a[r * lda + n];
-  }
+  for (int s = 0; s < slices; ++s) sum += partial[static_cast<int64_t>(s) * N + n];
   out[n] = from_acc<T>(sum);
 }
 
@@ -548,10 +565,18 @@ cudaError_t lstm_variant_backward_cell(int B, int H, int P, int64_t t, const int
 
 template <typename T>
 cudaError_t lstm_variant_column_sums(int64_t rows, int N, const AccT<T>* a, int64_t lda,
-                                     const AccT<T>* b, int64_t ldb, T* out, cudaStream_t stream) {
+                                     const AccT<T>* b, int64_t ldb, AccT<T>* partial, T* out,
+                                     cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
-  return launch(lstm_variant_column_sums_kernel<T>, dim3(blocks_for(N, kThreads)), stream, rows, N,
-                a, lda, b, ldb, out);
+  const int64_t slices = variant_column_slices(rows);
+  const int64_t per = (rows + slices - 1) / slices;
+  const cudaError_t err =
+      launch(lstm_variant_column_partial_kernel<T>,
+             dim3(blocks_for(N, kThreads), static_cast<unsigned>(slices)), stream, rows, per, N, a,
+             lda, b, ldb, partial);
+  if (err != cudaSuccess) return err;
+  return launch(lstm_variant_column_total_kernel<T>, dim3(blocks_for(N, kThreads)), stream,
+                static_cast<int>(slices), N, partial, out);
 }
 
 template <typename T>
@@ -581,7 +606,8 @@ cudaError_t lstm_variant_add(int64_t n, const AccT<T>* a, const AccT<T>* b, T* o
       const AccT<T>*, const T*, AccT<T>*, const AccT<T>*, AccT<T>*, AccT<T>*, T*, AccT<T>*, T*,    \
       AccT<T>*, T*, cudaStream_t);                                                                 \
   template cudaError_t lstm_variant_column_sums<T>(int64_t, int, const AccT<T>*, int64_t,          \
-                                                   const AccT<T>*, int64_t, T*, cudaStream_t);     \
+                                                   const AccT<T>*, int64_t, AccT<T>*, T*,          \
+                                                   cudaStream_t);                                  \
   template cudaError_t lstm_variant_add<T>(int64_t, const AccT<T>*, const AccT<T>*, T*,            \
                                            cudaStream_t);
 FASTLSTM_INSTANTIATE_VARIANT(double)

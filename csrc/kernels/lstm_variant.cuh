@@ -146,11 +146,19 @@ cudaError_t lstm_variant_backward_cell(int B, int H, int P, int64_t t, const int
                                        cudaStream_t stream);
 
 // out[n] = sum over rows r of a[r * lda + n] * b[r * ldb + n] (or of a alone when b is nullptr), for
-// n < N, summed in AccT<T> in row order and rounded to T: the bias's and the layer-norm gains'
-// gradients over all T * B rows. rows may be 0 (out is zero).
+// n < N, summed in AccT<T> and rounded to T: the bias's and the layer-norm gains' gradients over all
+// T * B rows. The rows are split into variant_column_slices(rows) slices summed in parallel into
+// partial [slices, N] (AccT<T>), then the slices in order: the order depends on rows only, so the
+// result is reproducible. rows may be 0 (out is zero).
+inline int64_t variant_column_slices(int64_t rows) {
+  constexpr int64_t kSliceRows = 32, kMaxSlices = 1024;
+  const int64_t s = (rows + kSliceRows - 1) / kSliceRows;
+  return s < 1 ? 1 : (s > kMaxSlices ? kMaxSlices : s);
+}
 template <typename T>
 cudaError_t lstm_variant_column_sums(int64_t rows, int N, const AccT<T>* a, int64_t lda,
-                                     const AccT<T>* b, int64_t ldb, T* out, cudaStream_t stream);
+                                     const AccT<T>* b, int64_t ldb, AccT<T>* partial, T* out,
+                                     cudaStream_t stream);
 
 // out[i] = a[i] + b[i] (b may be nullptr), rounded to T, for i < n.
 template <typename T>

@@ -150,6 +150,7 @@ struct VariantBackwardBuffers {
   int64_t dh_keep;      // [B, P]
   int64_t dh_rec;       // [B, P]
   int64_t h_prev;       // [T, B, P] (T)
+  int64_t partial;      // [variant_column_slices(T * B), 4H] the column sums' slices
 };
 
 inline VariantBackwardBuffers variant_backward_buffers(const VariantShape& s) {
@@ -167,6 +168,7 @@ inline VariantBackwardBuffers variant_backward_buffers(const VariantShape& s) {
   b.dh_keep = s.B * s.P;
   b.dh_rec = s.B * s.P;
   b.h_prev = TB * s.P;
+  b.partial = variant_column_slices(TB) * G;
   return b;
 }
 
@@ -198,6 +200,7 @@ struct VariantBackwardArgs {
   AccT<T>* dh_rec;
   AccT<T>* dc_state;          // [B, H] in: grad_c_n; out: grad_c0
   T* h_prev;
+  AccT<T>* partial;
   // Results (T).
   T* grad_input;              // [T, B, I]
   T* grad_h0;                 // [B, P]
@@ -258,18 +261,21 @@ cudaError_t lstm_variant_layer_backward(const VariantShape& s, const VariantBack
   math.gemm(true, false, G, I, TB, a.dxg, a.x, nullptr, a.grad_w_ih);
   math.gemm(true, false, G, P, TB, dr_all, a.h_prev, nullptr, a.grad_w_hh);
   if (s.has_proj) math.gemm(true, false, P, H, TB, a.dh_cand_all, a.m_all, nullptr, a.grad_w_hr);
-  err = lstm_variant_column_sums<T>(TB, static_cast<int>(G), a.dpre, G, nullptr, 0, a.grad_bias,
-                                    stream);
+  err = lstm_variant_column_sums<T>(TB, static_cast<int>(G), a.dpre, G, nullptr, 0, a.partial,
+                                    a.grad_bias, stream);
   if (err != cudaSuccess || !ln) return err;
   const int Gi = static_cast<int>(G);
-  err = lstm_variant_column_sums<T>(TB, Gi, a.dpre, G, a.saved + 7 * H, K, a.grad_ln_ih, stream);
-  if (err != cudaSuccess) return err;
-  err = lstm_variant_column_sums<T>(TB, Gi, a.dpre, G, a.saved + 11 * H, K, a.grad_ln_hh, stream);
-  if (err != cudaSuccess) return err;
-  err = lstm_variant_column_sums<T>(TB, Hi, a.dz, H, a.saved + 15 * H, K, a.grad_ln_c_weight,
+  err = lstm_variant_column_sums<T>(TB, Gi, a.dpre, G, a.saved + 7 * H, K, a.partial, a.grad_ln_ih,
                                     stream);
   if (err != cudaSuccess) return err;
-  return lstm_variant_column_sums<T>(TB, Hi, a.dz, H, nullptr, 0, a.grad_ln_c_bias, stream);
+  err = lstm_variant_column_sums<T>(TB, Gi, a.dpre, G, a.saved + 11 * H, K, a.partial, a.grad_ln_hh,
+                                    stream);
+  if (err != cudaSuccess) return err;
+  err = lstm_variant_column_sums<T>(TB, Hi, a.dz, H, a.saved + 15 * H, K, a.partial,
+                                    a.grad_ln_c_weight, stream);
+  if (err != cudaSuccess) return err;
+  return lstm_variant_column_sums<T>(TB, Hi, a.dz, H, nullptr, 0, a.partial, a.grad_ln_c_bias,
+                                     stream);
 }
 
 }  // namespace cuda

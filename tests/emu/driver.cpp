@@ -376,7 +376,7 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
   Buf dpre(nb.dpre * sizeof(Acc)), dxg(nb.dxg * sizeof(T)), dr(nb.dr * sizeof(Acc));
   Buf dr_all(nb.dr_all * sizeof(T)), dz(nb.dz * sizeof(Acc)), dh_cand(nb.dh_cand * sizeof(Acc));
   Buf dh_cand_all(nb.dh_cand_all * sizeof(T)), dm(nb.dm * sizeof(Acc)), m_all(nb.m_all * sizeof(T));
-  Buf dh_rec(nb.dh_rec * sizeof(Acc)), h_prev(nb.h_prev * sizeof(T));
+  Buf dh_rec(nb.dh_rec * sizeof(Acc)), h_prev(nb.h_prev * sizeof(T)), partial(nb.partial * sizeof(Acc));
   Buf dh_keep = to_acc<T>(in.need("grad_h_n")), dc_state = to_acc<T>(in.need("grad_c_n"));
   if (dh_keep.n != static_cast<std::size_t>(nb.dh_keep) * sizeof(Acc)) die("grad_h_n has the wrong size");
   const Buf c0 = to_acc<T>(in.need("c0"));
@@ -414,6 +414,7 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
   a.dh_rec = dh_rec.as<Acc>();
   a.dc_state = dc_state.as<Acc>();
   a.h_prev = h_prev.as<T>();
+  a.partial = partial.as<Acc>();
   a.grad_input = grad_input.as<T>();
   a.grad_h0 = grad_h0.as<T>();
   a.grad_w_ih = grad_w_ih.as<T>();
