@@ -70,7 +70,7 @@ class VCase:
     """One variant layer's inputs in float64, rounded through `dtype` (masks are 0/1)."""
 
     def __init__(self, dtype, layer_norm, clip, zone, proj, lengths, reverse, dims=(4, 5, 7, 20, 13),
-                 seed=0):
+                 seed=0, bias=True):
         T, B, I, H, P = dims
         P = P if proj else H
         self.dtype, self.cell = dtype, CELL[dtype]
@@ -88,7 +88,9 @@ class VCase:
         self.w_ih, self.w_hh = r(4 * H, I, scale=k), r(4 * H, P, scale=k)
         b_ih, b_hh = r(4 * H, scale=k), r(4 * H, scale=k)
         # The layer code takes b_ih + b_hh, summed in the input dtype (as the binding does).
-        self.bias = (b_ih.to(dtype) + b_hh.to(dtype)).to(F64)
+        # Without a bias the kernels get none and the reference adds zeros (exactly the same).
+        self.bias = (b_ih.to(dtype) + b_hh.to(dtype)).to(F64) if bias else torch.zeros(4 * H, dtype=F64)
+        self.has_bias = bias
         self.w_hr = r(P, H, scale=k) if proj else None
         self.ln = (r(4 * H, scale=0.3, shift=1.0), r(4 * H, scale=0.3, shift=1.0),
                    r(H, scale=0.3, shift=1.0), r(H, scale=0.2)) if layer_norm else None
@@ -130,7 +132,7 @@ class VCase:
              "variant": torch.tensor([zc_p, zh_p, float(self.clip is not None), self.clip or 0.0],
                                      dtype=F64),
              "x": self.x.to(dt), "h0": self.h0.to(dt), "c0": self.c0.to(dt), "w_ih": self.w_ih.to(dt),
-             "w_hh": self.w_hh.to(dt), "bias": self.bias.to(dt),
+             "w_hh": self.w_hh.to(dt), "bias": self.bias.to(dt) if self.has_bias else None,
              "w_hr": None if self.w_hr is None else self.w_hr.to(dt), "lengths": self.lengths,
              "zoneout_c": self.zc.to(cell) if isinstance(self.zc, torch.Tensor) else None,
              "zoneout_h": self.zh.to(cell) if isinstance(self.zh, torch.Tensor) else None}
@@ -391,8 +393,9 @@ def check_case(case, exe, env=None):
     return fwd, bwd
 
 
-# Every flag combination x dtype; lengths and the direction alternate so that each meets every
-# other choice.
+# Every flag combination x dtype. The kernels are instantiated per (layer norm, clip, zoneout) and
+# run with and without projection: one of those two cases has lengths, in the reverse direction (so
+# that a step's predecessor can be inactive), the other none, in either direction.
 FLAG_CASES = [
     pytest.param(dtype, ln, clip, zone, proj,
                  id=f"{_id(dtype)}-{'ln' if ln else 'noln'}-{'clip' if clip else 'noclip'}-{zone}-"
@@ -404,13 +407,28 @@ FLAG_CASES = [
 
 def flag_case(dtype, ln, clip, zone, proj, dims=(4, 5, 7, 20, 13)):
     zi = list(ZONEOUT).index(zone)
-    return VCase(dtype, ln, clip, zone, proj, lengths=(ln + clip + zi) % 2 == 0,
-                 reverse=(proj + zi + ln) % 2 == 1, dims=dims)
+    lengths = (ln + clip + zi + proj) % 2 == 0
+    return VCase(dtype, ln, clip, zone, proj, lengths=lengths,
+                 reverse=lengths or (zi + ln) % 2 == 1, dims=dims)
 
 
 @pytest.mark.parametrize("dtype, ln, clip, zone, proj", FLAG_CASES)
 def test_variant_flags(sm80, dtype, ln, clip, zone, proj):
     check_case(flag_case(dtype, ln, clip, zone, proj), sm80)
+
+
+# The no-zoneout instantiations meet steps past a sequence's length with the other projection
+# choice than FLAG_CASES gives them, in the forward direction, and without a bias.
+NOZONE_CASES = [
+    pytest.param(dtype, ln, clip, id=f"{_id(dtype)}-{'ln' if ln else 'noln'}-{'clip' if clip else 'noclip'}")
+    for dtype in DTYPES for ln in (False, True) for clip in (False, True)
+]
+
+
+@pytest.mark.parametrize("dtype, ln, clip", NOZONE_CASES)
+def test_variant_nozone_lengths_nobias(sm80, dtype, ln, clip):
+    check_case(VCase(dtype, ln, clip, "nozone", proj=(ln + clip) % 2 == 0, lengths=True,
+                     reverse=False, bias=False), sm80)
 
 
 # Loop edges: one sequence and one unit (the layer norm of a single element), H over the 128 threads
