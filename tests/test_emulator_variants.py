@@ -145,7 +145,7 @@ class VCase:
         T, B, H, P, dt = self.T, self.B, self.H, self.P, self.dtype
         shapes = {"output": ((T, B, P), dt), "h_n": ((B, P), dt), "c_n_acc": ((B, H), self.cell),
                   "saved": (((T if training else 1), B, self.K()), self.cell),
-                  "buffers": ((9,), torch.int64)}
+                  "buffers": ((10,), torch.int64)}
         return emulator.run(exe, "variant_forward", self.tensors(training, max_xg), shapes, env)
 
     def emu_backward(self, exe, fwd, env=None):
@@ -155,7 +155,7 @@ class VCase:
         shapes = {"grad_input": ((T, B, I), dt), "grad_h0": ((B, P), dt),
                   "grad_c0_acc": ((B, H), self.cell), "grad_w_ih": ((4 * H, I), dt),
                   "grad_w_hh": ((4 * H, P), dt), "grad_bias": ((4 * H,), dt),
-                  "dpre": ((T, B, 4 * H), self.cell), "dxg": ((T, B, 4 * H), dt)}
+                  "dpre": ((T, B, 4 * H), self.cell), "dxg": ((T, B, 4 * H), self.cell)}
         if self.proj:
             shapes["grad_w_hr"] = ((P, H), dt)
         if self.layer_norm:
@@ -226,8 +226,7 @@ def check_forward_steps(case, fwd):
             pa = case.active(pt).unsqueeze(1)
             h = torch.where(pa, out[pt], case.h0)
             c = torch.where(pa, saved[pt][:, 4 * H:5 * H], case.c0)
-        # The input projection is a GEMM in the input dtype (lstm_variant_host.h).
-        xg = rounding.round_to(F.linear(case.x[t], case.w_ih), dt)
+        xg = F.linear(case.x[t], case.w_ih)
         zc = case.zone_at(case.zc, t)
         zh = case.zone_at(case.zh, t)
         row, h_ref = saved_row(xg, h, c, case.w_hh, case.bias, case.w_hr, zc, zh, case.clip, case.ln)
@@ -260,33 +259,18 @@ def check_forward_layer_f64(case, fwd):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-class _Round(torch.autograd.Function):
-    """Rounding to a dtype (in float64) with the gradient of the identity: where the layer code
-    rounds in the forward, its backward passes the gradient through unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, dtype):
-        return rounding.round_to(x, dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-def reference_grads(case, dtype, round_as=None, kernel_output=None):
+def reference_grads(case, dtype, kernel_output=None):
     """torch.autograd through reference.lstm_variant_step in `dtype`: the gradients of every input
     and parameter, and per step those of the pre-activations (dpre) and of x_t W_ih^T (dxg). With
-    round_as (in float64), x_t W_ih^T is rounded to that dtype as the layer code rounds it, and each
-    h_t is the kernels' (kernel_output, T-rounded), both with the identity's gradient, so that the
-    gradients are those of the forward the kernels ran."""
-    rnd = (lambda v: v) if round_as is None else (lambda v: _Round.apply(v, round_as))  # noqa: E731
+    kernel_output (in float64), each h_t is the kernels' (rounded to the input dtype) with the
+    identity's gradient, so that the gradients are those of the forward the kernels ran."""
     leaf = lambda v: None if v is None else v.detach().to(dtype).clone().requires_grad_()  # noqa: E731
     x, h0, c0, w_ih, w_hh, bias, w_hr = map(leaf, (case.x, case.h0, case.c0, case.w_ih, case.w_hh,
                                                     case.bias, case.w_hr))
     ln = None if case.ln is None else tuple(leaf(v) for v in case.ln)
     cast = lambda z: z.to(dtype) if isinstance(z, torch.Tensor) else z  # noqa: E731
     zc, zh = cast(case.zc), cast(case.zh)
-    xg = rnd(F.linear(x, w_ih))
+    xg = F.linear(x, w_ih)
     xg.retain_grad()
     bias_steps = bias.expand(case.T, case.B, 4 * case.H).clone()
     bias_steps.retain_grad()
@@ -346,13 +330,12 @@ def check_backward(case, fwd, bwd):
 
 
 def check_backward_rounded(case, fwd, bwd):
-    """The backward computes in the cell type from the forward's saved rows and rounds only what it
-    stores in the input dtype (lstm_variant_host.h): against the gradients of the forward the kernels
-    ran (float64, rounded where they round), the per-step gradients of the pre-activations and
-    grad_c0, both kept in the cell type, are within its precision; grad_h0, rounded once, within
-    half an ulp more. The reference's h_t is the kernels' (as in tests/emu/rounding.py), so that a
+    """The backward computes in the cell type from the forward's saved rows and rounds only its results
+    to the input dtype (lstm_variant_host.h): against the gradients of the forward the kernels ran,
+    the per-step gradients of the pre-activations and grad_c0, both kept in the cell type, are
+    within its precision; grad_h0, rounded once, within half an ulp more. The reference's h_t is the kernels' (as in tests/emu/rounding.py), so that a
     rounding that went the other way cannot move it by an ulp."""
-    ref = reference_grads(case, F64, round_as=case.dtype, kernel_output=fwd["output"])
+    ref = reference_grads(case, F64, kernel_output=fwd["output"])
     for name in ("dpre", "grad_c0_acc", "grad_h0"):
         got, want = bwd[name].double(), ref[name]
         allowed = acc_tol(case, want)
@@ -366,8 +349,9 @@ def check_backward_rounded(case, fwd, bwd):
 
 def check_buffers(case, buffers, training, max_xg):
     T, B, H, P, K = case.T, case.B, case.H, case.P, case.K()
-    xg, chunk, h_state, c_state, rec, m, h_cand, output, saved = buffers
-    assert (h_state, c_state, rec, output) == (2 * B * P, B * H, B * 4 * H, T * B * P)
+    x, xg, chunk, h_state, c_state, rec, m, h_cand, output, saved = buffers
+    assert (x, h_state, c_state, rec, output) == (T * B * case.I, 2 * B * P, B * H, B * 4 * H,
+                                                   T * B * P)
     assert (m, h_cand) == ((B * H, B * P) if case.proj else (0, 0))
     if training:
         assert (chunk, xg, saved) == (T, T * B * 4 * H, T * B * K)
@@ -459,6 +443,26 @@ def test_variant_empty(sm80):
     fwd = case.emu_forward(sm80, True)
     assert fwd["output"].numel() == 0 and fwd["saved"].numel() == 0
     assert torch.equal(fwd["h_n"].double(), case.h0) and torch.equal(fwd["c_n_acc"].double(), case.c0)
+
+
+def test_variant_nan_padding(sm80):
+    """Steps past a sequence's length are never read: NaN in the input there changes nothing, not
+    even grad_w_ih (whose zero rows of dxg would meet the padding in its product), as in the CPU op."""
+    case = VCase(torch.float32, True, True, "masks", True, lengths=True, reverse=True)
+    fwd = case.emu_forward(sm80)
+    bwd = case.emu_backward(sm80, fwd)
+    pad = torch.arange(case.T).unsqueeze(1) >= case.lengths.unsqueeze(0)  # [T, B]
+    assert pad.any()
+    case.x = case.x.masked_fill(pad.unsqueeze(2), float("nan"))
+    fwd2 = case.emu_forward(sm80)
+    bwd2 = case.emu_backward(sm80, fwd2)
+    for name in fwd:
+        assert torch.equal(fwd[name], fwd2[name]), f"{name} changed with NaN in the padding"
+    for name in bwd:
+        a, b = bwd[name], bwd2[name]
+        if name == "grad_input":
+            a, b = a[~pad], b[~pad]
+        assert torch.equal(a, b), f"{name} changed with NaN in the padding"
 
 
 # ---- Scheduling: results must be bitwise the same whatever order threads and blocks run in. ----

@@ -1,9 +1,8 @@
 // CUDA implementation of fastlstm::lstm_variant_forward / lstm_variant_backward (issue 29; contract
 // and the `saved` layout in csrc/fastlstm.cpp). This file checks arguments, picks the device, stream
 // and dtype, allocates what the framework-free layer code (csrc/kernels/lstm_variant_host.h) asks for
-// and does its matrix products through ATen (cuBLAS): the input projection and the weight
-// gradients in the input dtype, the per-step products (h @ w_hh^T, m @ w_hr^T, dr @ w_hh, dh~ @ w_hr)
-// in the cell type on cell-type copies of w_hh and w_hr (float32 for float16/bfloat16: TF32 only if
+// and does its matrix products through ATen (cuBLAS), all in the cell type on cell-type copies of
+// the weights, as the CPU op (float32 for float16/bfloat16: TF32 only if
 // torch.backends.cuda.matmul.allow_tf32 says so). The row-wise work is in
 // csrc/kernels/lstm_variant.cu. Nothing synchronises with the host and nothing uses atomics.
 //
@@ -33,7 +32,7 @@ bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 // The variant arguments checked against the layer's sizes; returns whether layer norm is on.
 bool check_variant_args(const LayerSizes& s, const at::Tensor& input, const OptTensor& zoneout_c,
                         const OptTensor& zoneout_h, double zoneout_c_p, double zoneout_h_p,
-                        const OptTensor& ln_ih, const OptTensor& ln_hh, const OptTensor& ln_c_weight,
+                        const std::optional<double>& cell_clip, const OptTensor& ln_ih, const OptTensor& ln_hh, const OptTensor& ln_c_weight,
                         const OptTensor& ln_c_bias) {
   const at::ScalarType cell = cell_dtype(input.scalar_type());
   if (present(zoneout_c)) {
@@ -44,9 +43,13 @@ bool check_variant_args(const LayerSizes& s, const at::Tensor& input, const OptT
     FASTLSTM_CHECK_SHAPE_NAMED(*zoneout_h, "zoneout_h", s.T, s.B, s.P);
     check_same(*zoneout_h, "zoneout_h", input, cell);
   }
-  TORCH_CHECK(zoneout_c_p >= 0 && zoneout_c_p <= 1 && zoneout_h_p >= 0 && zoneout_h_p <= 1,
-              "zoneout_c_p and zoneout_h_p must be in [0, 1], got ", zoneout_c_p, " and ",
+  TORCH_CHECK(zoneout_c_p >= 0 && zoneout_c_p < 1, "zoneout_c_p must lie in [0, 1), got ",
+              zoneout_c_p);
+  TORCH_CHECK(zoneout_h_p >= 0 && zoneout_h_p < 1, "zoneout_h_p must lie in [0, 1), got ",
               zoneout_h_p);
+  if (cell_clip.has_value()) {
+    TORCH_CHECK(*cell_clip > 0, "cell_clip must be positive, got ", *cell_clip);
+  }
   const int n = present(ln_ih) + present(ln_hh) + present(ln_c_weight) + present(ln_c_bias);
   TORCH_CHECK(n == 0 || n == 4,
               "ln_ih, ln_hh, ln_c_weight and ln_c_bias must be given all four or none, got ", n);
@@ -118,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_variant_forward_
   check_cuda(input, "input");
   const LayerSizes s = check_layer_args(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   check_kernel_limits(s);
-  const bool layer_norm = check_variant_args(s, input, zoneout_c, zoneout_h, zoneout_c_p,
-                                             zoneout_h_p, ln_ih, ln_hh, ln_c_weight, ln_c_bias);
+  const bool layer_norm =
+      check_variant_args(s, input, zoneout_c, zoneout_h, zoneout_c_p, zoneout_h_p, cell_clip, ln_ih,
+                         ln_hh, ln_c_weight, ln_c_bias);
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
   const c10::cuda::CUDAGuard guard(input.device());
   const at::ScalarType dtype = input.scalar_type();
@@ -138,13 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_variant_forward_
   }
   const cuda::VariantForwardBuffers nb = cuda::variant_forward_buffers(shape, training);
   at::Tensor saved = at::empty({nb.saved}, cell_opts);
-  at::Tensor xg = at::empty({nb.xg}, opts);
+  at::Tensor x_acc = at::empty({nb.x}, cell_opts);
+  at::Tensor xg = at::empty({nb.xg}, cell_opts);
   at::Tensor rec = at::empty({nb.rec}, cell_opts);
   at::Tensor m = maybe_empty(nb.m, cell_opts);
   at::Tensor h_cand = maybe_empty(nb.h_cand, cell_opts);
 
   const at::Tensor x = input.contiguous();
-  const at::Tensor wih = w_ih.contiguous();
+  const at::Tensor wih = w_ih.to(cell_opts.dtype()).contiguous();
   const at::Tensor whh = w_hh.to(cell_opts.dtype()).contiguous();
   const at::Tensor whr = s.has_proj ? w_hr->to(cell_opts.dtype()).contiguous() : at::Tensor();
   const at::Tensor len = present(lengths) ? lengths->contiguous() : at::Tensor();
@@ -163,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_variant_forward_
     using Acc = AccScalar<scalar_t>;
     cuda::VariantForwardArgs<Dev> a{};
     a.x = dev_ptr<scalar_t>(x);
-    a.w_ih = dev_ptr<scalar_t>(wih);
+    a.w_ih = acc_data<scalar_t>(wih);
     a.bias = dev_ptr<scalar_t>(bias);
     a.w_hh = acc_data<scalar_t>(whh);
     a.w_hr = acc_data<scalar_t>(whr);
@@ -171,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_variant_forward_
     a.reverse = reverse;
     a.training = training;
     a.opt = variant_options<scalar_t>(ot, zoneout_c_p, zoneout_h_p, cell_clip);
-    a.xg = dev_ptr<scalar_t>(xg);
+    a.x_acc = acc_data<scalar_t>(x_acc);
+    a.xg = acc_data<scalar_t>(xg);
     a.h_state = acc_data<scalar_t>(h_state);
     a.c_state = acc_data<scalar_t>(c_state);
     a.rec = acc_data<scalar_t>(rec);
@@ -179,10 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_variant_forward_
     a.h_cand = acc_data<scalar_t>(h_cand);
     a.output = dev_ptr<scalar_t>(output);
     a.saved = acc_data<scalar_t>(saved);
-    AtenMath<scalar_t> math(opts);
-    AtenMath<Acc> acc_math(cell_opts);
+    AtenMath<Acc> math(cell_opts);
     Acc* h_n = nullptr;
-    C10_CUDA_CHECK(cuda::lstm_variant_layer_forward<Dev>(shape, nb, a, math, acc_math, stream, &h_n));
+    C10_CUDA_CHECK(cuda::lstm_variant_layer_forward<Dev>(shape, nb, a, math, stream, &h_n));
     h_n_index = h_n == a.h_state ? 0 : 1;
   });
   at::Tensor h_n = h_state[h_n_index].to(dtype, /*non_blocking=*/false, /*copy=*/true);
@@ -205,8 +210,9 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
   const LayerSizes s =
       check_layer_args(input, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
   check_kernel_limits(s);
-  const bool layer_norm = check_variant_args(s, input, zoneout_c, zoneout_h, zoneout_c_p,
-                                             zoneout_h_p, ln_ih, ln_hh, ln_c_weight, ln_c_bias);
+  const bool layer_norm =
+      check_variant_args(s, input, zoneout_c, zoneout_h, zoneout_c_p, zoneout_h_p, cell_clip, ln_ih,
+                         ln_hh, ln_c_weight, ln_c_bias);
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
   const cuda::VariantShape shape{T, B, I, H, P, s.has_proj, layer_norm};
   const int64_t K = shape.K();
@@ -238,7 +244,7 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
 
   const at::Tensor x = input.contiguous();
   const at::Tensor h0c = h0.contiguous();
-  const at::Tensor wih = w_ih.contiguous();
+  const at::Tensor wih = w_ih.to(cell_opts.dtype()).contiguous();
   const at::Tensor whh = w_hh.to(cell_opts.dtype()).contiguous();
   const at::Tensor whr = s.has_proj ? w_hr->to(cell_opts.dtype()).contiguous() : at::Tensor();
   const at::Tensor len = present(lengths) ? lengths->contiguous() : at::Tensor();
@@ -250,20 +256,13 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
       contiguous_options(zoneout_c, zoneout_h, ln_ih, ln_hh, ln_c_weight, ln_c_bias);
 
   const cuda::VariantBackwardBuffers nb = cuda::variant_backward_buffers(shape);
-  at::Tensor dpre = at::empty({nb.dpre}, cell_opts);
-  at::Tensor dxg = at::empty({nb.dxg}, opts);
-  at::Tensor dr = maybe_empty(nb.dr, cell_opts);
-  at::Tensor dr_all = maybe_empty(nb.dr_all, opts);
-  at::Tensor dz = maybe_empty(nb.dz, cell_opts);
-  at::Tensor dh_cand = maybe_empty(nb.dh_cand, cell_opts);
-  at::Tensor dh_cand_all = maybe_empty(nb.dh_cand_all, opts);
-  at::Tensor dm = maybe_empty(nb.dm, cell_opts);
-  at::Tensor m_all = maybe_empty(nb.m_all, opts);
+  auto work = [&](int64_t n) { return maybe_empty(n, cell_opts); };
+  at::Tensor dpre = work(nb.dpre), dxg = work(nb.dxg), dr = work(nb.dr), dz = work(nb.dz);
+  at::Tensor dh_cand = work(nb.dh_cand), dm = work(nb.dm), m = work(nb.m);
+  at::Tensor dh_rec = work(nb.dh_rec), x_acc = work(nb.x), h_prev = work(nb.h_prev);
+  at::Tensor partial = work(nb.partial), result = work(nb.result);
   at::Tensor dh_keep = fresh_copy(grad_h_n, cell_opts);
-  at::Tensor dh_rec = at::empty({nb.dh_rec}, cell_opts);
   at::Tensor dc_state = fresh_copy(grad_c_n, cell_opts);
-  at::Tensor h_prev = at::empty({nb.h_prev}, opts);
-  at::Tensor partial = at::empty({nb.partial}, cell_opts);
   at::Tensor grad_input = at::empty({T, B, I}, opts);
   at::Tensor grad_h0 = at::empty({B, P}, opts);
   at::Tensor grad_w_ih = at::empty({4 * H, I}, opts);
@@ -279,7 +278,7 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
     a.x = dev_ptr<scalar_t>(x);
     a.h0 = dev_ptr<scalar_t>(h0c);
     a.c0 = acc_data<scalar_t>(c0_cell);
-    a.w_ih = dev_ptr<scalar_t>(wih);
+    a.w_ih = acc_data<scalar_t>(wih);
     a.w_hh = acc_data<scalar_t>(whh);
     a.w_hr = acc_data<scalar_t>(whr);
     a.lengths = len.defined() ? len.data_ptr<int64_t>() : nullptr;
@@ -288,19 +287,19 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
     a.output = dev_ptr<scalar_t>(out);
     a.saved = acc_data<scalar_t>(sv);
     a.dpre = acc_data<scalar_t>(dpre);
-    a.dxg = dev_ptr<scalar_t>(dxg);
+    a.dxg = acc_data<scalar_t>(dxg);
     a.dr = acc_data<scalar_t>(dr);
-    a.dr_all = dev_ptr<scalar_t>(dr_all);
     a.dz = acc_data<scalar_t>(dz);
     a.dh_cand = acc_data<scalar_t>(dh_cand);
-    a.dh_cand_all = dev_ptr<scalar_t>(dh_cand_all);
     a.dm = acc_data<scalar_t>(dm);
-    a.m_all = dev_ptr<scalar_t>(m_all);
+    a.m = acc_data<scalar_t>(m);
     a.dh_keep = acc_data<scalar_t>(dh_keep);
     a.dh_rec = acc_data<scalar_t>(dh_rec);
     a.dc_state = acc_data<scalar_t>(dc_state);
-    a.h_prev = dev_ptr<scalar_t>(h_prev);
+    a.x_acc = acc_data<scalar_t>(x_acc);
+    a.h_prev = acc_data<scalar_t>(h_prev);
     a.partial = acc_data<scalar_t>(partial);
+    a.result = acc_data<scalar_t>(result);
     a.grad_input = dev_ptr<scalar_t>(grad_input);
     a.grad_h0 = dev_ptr<scalar_t>(grad_h0);
     a.grad_w_ih = dev_ptr<scalar_t>(grad_w_ih);
@@ -311,9 +310,8 @@ lstm_variant_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad
     a.grad_ln_hh = layer_norm ? dev_ptr<scalar_t>(grad_ln_hh) : nullptr;
     a.grad_ln_c_weight = layer_norm ? dev_ptr<scalar_t>(grad_ln_c_weight) : nullptr;
     a.grad_ln_c_bias = layer_norm ? dev_ptr<scalar_t>(grad_ln_c_bias) : nullptr;
-    AtenMath<scalar_t> math(opts);
-    AtenMath<Acc> acc_math(cell_opts);
-    C10_CUDA_CHECK(cuda::lstm_variant_layer_backward<Dev>(shape, a, math, acc_math, stream));
+    AtenMath<Acc> math(cell_opts);
+    C10_CUDA_CHECK(cuda::lstm_variant_layer_backward<Dev>(shape, a, math, stream));
   });
 
   at::Tensor grad_c0 = dc_state.to(dtype, /*non_blocking=*/false, /*copy=*/true);

@@ -65,7 +65,7 @@ struct ForwardCellParams {
   int B, H, P;
   int64_t t;
   const int64_t* lengths;
-  const T* xg;
+  const AccT<T>* xg;
   const AccT<T>* rec;
   const T* bias;
   const T* ln_ih;
@@ -105,14 +105,14 @@ __global__ void __launch_bounds__(kThreads) lstm_variant_forward_cell_kernel(For
     }
     return;
   }
-  const T* xr = p.xg + b * H4;
+  const Acc* xr = p.xg + b * H4;
   const Acc* rr = p.rec + b * H4;
 
   Acc mean_x = Acc(0), rstd_x = Acc(0), mean_r = Acc(0), rstd_r = Acc(0);
   if constexpr (kLN) {
     Acc v[2] = {Acc(0), Acc(0)};
     for (int64_t n = tid; n < H4; n += kThreads) {
-      v[0] += to_acc(xr[n]);
+      v[0] += xr[n];
       v[1] += rr[n];
     }
     block_sum(v);
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) lstm_variant_forward_cell_kernel(For
     mean_r = v[1] / Acc(H4);
     v[0] = v[1] = Acc(0);
     for (int64_t n = tid; n < H4; n += kThreads) {
-      const Acc dx = to_acc(xr[n]) - mean_x, dr = rr[n] - mean_r;
+      const Acc dx = xr[n] - mean_x, dr = rr[n] - mean_r;
       v[0] += dx * dx;
       v[1] += dr * dr;
     }
@@ -156,13 +156,13 @@ __global__ void __launch_bounds__(kThreads) lstm_variant_forward_cell_kernel(For
       const int64_t n = static_cast<int64_t>(q) * H + j;
       Acc pre;
       if constexpr (kLN) {
-        const Acc xh = (to_acc(xr[n]) - mean_x) * rstd_x;
+        const Acc xh = (xr[n] - mean_x) * rstd_x;
         const Acc rh = (rr[n] - mean_r) * rstd_r;
         s[7 * H + n] = xh;
         s[11 * H + n] = rh;
         pre = xh * to_acc(p.ln_ih[n]) + rh * to_acc(p.ln_hh[n]);
       } else {
-        pre = to_acc(xr[n]) + rr[n];
+        pre = xr[n] + rr[n];
       }
       if (p.bias != nullptr) pre += to_acc(p.bias[n]);
       a[q] = pre;
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
                                         const T* __restrict__ grad_output, ZoneoutStep<AccT<T>> zh,
                                         AccT<T>* __restrict__ dh_keep,
                                         const AccT<T>* __restrict__ dh_rec,
-                                        AccT<T>* __restrict__ dh_cand, T* __restrict__ dh_cand_t) {
+                                        AccT<T>* __restrict__ dh_cand) {
   using Acc = AccT<T>;
   const int b = blockIdx.x;
   const int64_t bP = static_cast<int64_t>(b) * P;
@@ -275,7 +275,6 @@ __global__ void __launch_bounds__(kThreads)
       dh_keep[bP + j] += dh_rec[bP + j];
     }
     dh_cand[bP + j] = d;
-    dh_cand_t[bP + j] = from_acc<T>(d);
   }
 }
 
@@ -299,11 +298,10 @@ struct BackwardCellParams {
   const AccT<T>* dh_rec;
   AccT<T>* dc_state;
   AccT<T>* dpre;
-  T* dxg;
+  AccT<T>* dxg;
   AccT<T>* dr;
-  T* dr_t;
   AccT<T>* dz;
-  T* m_t;
+  AccT<T>* m;
 };
 
 // Grid: (B). See lstm_variant_backward_cell.
@@ -321,15 +319,14 @@ __global__ void __launch_bounds__(kThreads)
   if (!active_row(p.lengths, p.t, b)) {
     for (int64_t n = tid; n < H4; n += kThreads) {
       dpre[n] = Acc(0);
-      p.dxg[b * H4 + n] = zero<T>();
       if constexpr (kLN) {
+        p.dxg[b * H4 + n] = Acc(0);
         p.dr[b * H4 + n] = Acc(0);
-        p.dr_t[b * H4 + n] = zero<T>();
       }
     }
     for (int j = tid; j < H; j += kThreads) {
       if constexpr (kLN) p.dz[bH + j] = Acc(0);
-      if (p.m_t != nullptr) p.m_t[bH + j] = zero<T>();
+      if (p.m != nullptr) p.m[bH + j] = Acc(0);
       if (!proj && p.dh_rec != nullptr) p.dh_keep[bH + j] += p.dh_rec[bH + j];
     }
     return;
@@ -372,11 +369,9 @@ __global__ void __launch_bounds__(kThreads)
         u[1] += dxh * s[7 * H + n];
         u[2] += drh;
         u[3] += drh * s[11 * H + n];
-      } else {
-        p.dxg[b * H4 + n] = from_acc<T>(d[q]);
       }
     }
-    if (p.m_t != nullptr) p.m_t[bH + j] = from_acc<T>(o * s[6 * H + j]);
+    if (p.m != nullptr) p.m[bH + j] = o * s[6 * H + j];
   };
 
   Acc v[2] = {Acc(0), Acc(0)};
@@ -412,11 +407,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < 4; ++q) {
         const int64_t n = static_cast<int64_t>(q) * H + j;
         const Acc d = dpre[n];
-        const Acc dx = rstd_x * (d * to_acc(p.ln_ih[n]) - ux - s[7 * H + n] * uxx);
-        const Acc dr = rstd_r * (d * to_acc(p.ln_hh[n]) - ur - s[11 * H + n] * urr);
-        p.dxg[b * H4 + n] = from_acc<T>(dx);
-        p.dr[b * H4 + n] = dr;
-        p.dr_t[b * H4 + n] = from_acc<T>(dr);
+        p.dxg[b * H4 + n] = rstd_x * (d * to_acc(p.ln_ih[n]) - ux - s[7 * H + n] * uxx);
+        p.dr[b * H4 + n] = rstd_r * (d * to_acc(p.ln_hh[n]) - ur - s[11 * H + n] * urr);
       }
     }
   }
@@ -466,6 +458,46 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Grid-stride over [T_, B, I]. See lstm_variant_input.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_variant_input_kernel(int64_t T_, int B, int I, const T* __restrict__ x,
+                              const int64_t* __restrict__ lengths, AccT<T>* __restrict__ out) {
+  const int64_t BI = static_cast<int64_t>(B) * I;
+  const int64_t n = T_ * BI;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = i / BI;
+    const bool active = lengths == nullptr || t < lengths[(i % BI) / I];
+    out[i] = active ? to_acc(x[i]) : AccT<T>(0);
+  }
+}
+
+// Grid-stride over [T_, B, P]. See lstm_variant_recurrent_inputs.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    lstm_variant_recurrent_inputs_kernel(int64_t T_, int B, int P, const T* __restrict__ output,
+                                         const T* __restrict__ h0,
+                                         const int64_t* __restrict__ lengths, bool reverse,
+                                         AccT<T>* __restrict__ h_prev) {
+  const int64_t BP = static_cast<int64_t>(B) * P;
+  const int64_t n = T_ * BP;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t t = i / BP, bp = i % BP;
+    const int64_t prev_t = reverse ? t + 1 : t - 1;
+    const bool prev_active =
+        prev_t >= 0 && prev_t < T_ && (lengths == nullptr || prev_t < lengths[bp / P]);
+    h_prev[i] = to_acc(prev_active ? output[prev_t * BP + bp] : h0[bp]);
+  }
+}
+
+// Blocks for a grid-stride kernel over n elements: enough for every element, at most 1024.
+unsigned stride_blocks(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
+}
+
 // Calls f(kLN, kClip, kZone) with the three flags as std::bool_constant.
 template <typename F>
 cudaError_t with_flags(bool ln, bool clip, bool zone, F&& f) {
@@ -487,7 +519,7 @@ ZoneoutStep<AccT<T>> no_zoneout() {
 
 template <typename T>
 cudaError_t lstm_variant_forward_cell(int B, int H, int P, int64_t t, const int64_t* lengths,
-                                      const T* xg, const AccT<T>* rec, const T* bias,
+                                      const AccT<T>* xg, const AccT<T>* rec, const T* bias,
                                       const VariantOptions<T>& opt, ZoneoutStep<AccT<T>> zc,
                                       ZoneoutStep<AccT<T>> zh, AccT<T>* c_state, AccT<T>* saved,
                                       const AccT<T>* h_prev, AccT<T>* h_next, T* output, AccT<T>* m,
@@ -525,15 +557,15 @@ template <typename T>
 cudaError_t lstm_variant_backward_output(int B, int P, int64_t t, const int64_t* lengths,
                                          const T* grad_output, bool zoneout, ZoneoutStep<AccT<T>> zh,
                                          AccT<T>* dh_keep, const AccT<T>* dh_rec,
-                                         AccT<T>* dh_cand, T* dh_cand_t, cudaStream_t stream) {
+                                         AccT<T>* dh_cand, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(B));
   if (zoneout) {
     return launch(lstm_variant_backward_output_kernel<T, true>, grid, stream, P, t, lengths,
-                  grad_output, zh, dh_keep, dh_rec, dh_cand, dh_cand_t);
+                  grad_output, zh, dh_keep, dh_rec, dh_cand);
   }
   return launch(lstm_variant_backward_output_kernel<T, false>, grid, stream, P, t, lengths,
-                grad_output, no_zoneout<T>(), dh_keep, dh_rec, dh_cand, dh_cand_t);
+                grad_output, no_zoneout<T>(), dh_keep, dh_rec, dh_cand);
 }
 
 template <typename T>
@@ -544,18 +576,18 @@ cudaError_t lstm_variant_backward_cell(int B, int H, int P, int64_t t, const int
                                        ZoneoutStep<AccT<T>> zh, const AccT<T>* dm,
                                        const T* grad_output, AccT<T>* dh_keep,
                                        const AccT<T>* dh_rec, AccT<T>* dc_state, AccT<T>* dpre,
-                                       T* dxg, AccT<T>* dr, T* dr_t, AccT<T>* dz, T* m_t,
+                                       AccT<T>* dxg, AccT<T>* dr, AccT<T>* dz, AccT<T>* m,
                                        cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (dm == nullptr && (P != H || grad_output == nullptr || dh_keep == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  if (opt.layer_norm() && (dr == nullptr || dr_t == nullptr || dz == nullptr)) {
+  if (opt.layer_norm() && (dxg == nullptr || dr == nullptr || dz == nullptr)) {
     return cudaErrorInvalidValue;
   }
   BackwardCellParams<T> p{B, H, P, t, lengths, saved_t, saved_prev, prev_t, c0, opt.ln_ih,
                           opt.ln_hh, opt.ln_c_weight, static_cast<AccT<T>>(opt.cell_clip), zc, zh,
-                          dm, grad_output, dh_keep, dh_rec, dc_state, dpre, dxg, dr, dr_t, dz, m_t};
+                          dm, grad_output, dh_keep, dh_rec, dc_state, dpre, dxg, dr, dz, m};
   return with_flags(opt.layer_norm(), opt.has_clip, opt.zoneout(), [&](auto ln, auto clip, auto zone) {
     return launch(lstm_variant_backward_cell_kernel<T, decltype(ln)::value, decltype(clip)::value,
                                                     decltype(zone)::value>,
@@ -583,14 +615,31 @@ template <typename T>
 cudaError_t lstm_variant_add(int64_t n, const AccT<T>* a, const AccT<T>* b, T* out,
                              cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return launch(lstm_variant_add_kernel<T>,
-                dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096)), stream, n, a, b, out);
+  return launch(lstm_variant_add_kernel<T>, dim3(stride_blocks(n)), stream, n, a, b, out);
+}
+
+template <typename T>
+cudaError_t lstm_variant_input(int64_t T_, int B, int I, const T* x, const int64_t* lengths,
+                               AccT<T>* out, cudaStream_t stream) {
+  const int64_t n = T_ * B * I;
+  if (n == 0) return cudaSuccess;
+  return launch(lstm_variant_input_kernel<T>, dim3(stride_blocks(n)), stream, T_, B, I, x, lengths,
+                out);
+}
+
+template <typename T>
+cudaError_t lstm_variant_recurrent_inputs(int64_t T_, int B, int P, const T* output, const T* h0,
+                                          const int64_t* lengths, bool reverse, AccT<T>* h_prev,
+                                          cudaStream_t stream) {
+  const int64_t n = T_ * B * P;
+  if (n == 0) return cudaSuccess;
+  return launch(lstm_variant_recurrent_inputs_kernel<T>, dim3(stride_blocks(n)), stream, T_, B, P,
+                output, h0, lengths, reverse, h_prev);
 }
 
 #define FASTLSTM_INSTANTIATE_VARIANT(T)                                                            \
   template cudaError_t lstm_variant_forward_cell<T>(                                               \
-      int, int, int, int64_t, const int64_t*, const T*, const AccT<T>*, const T*,                  \
+      int, int, int, int64_t, const int64_t*, const AccT<T>*, const AccT<T>*, const T*,            \
       const VariantOptions<T>&, ZoneoutStep<AccT<T>>, ZoneoutStep<AccT<T>>, AccT<T>*, AccT<T>*,    \
       const AccT<T>*, AccT<T>*, T*, AccT<T>*, cudaStream_t);                                       \
   template cudaError_t lstm_variant_forward_output<T>(int, int, int64_t, const int64_t*,           \
@@ -598,18 +647,23 @@ cudaError_t lstm_variant_add(int64_t n, const AccT<T>* a, const AccT<T>* b, T* o
                                                       const AccT<T>*, AccT<T>*, T*, cudaStream_t); \
   template cudaError_t lstm_variant_backward_output<T>(int, int, int64_t, const int64_t*,          \
                                                        const T*, bool, ZoneoutStep<AccT<T>>,       \
-                                                       AccT<T>*, const AccT<T>*, AccT<T>*, T*,     \
+                                                       AccT<T>*, const AccT<T>*, AccT<T>*,         \
                                                        cudaStream_t);                              \
   template cudaError_t lstm_variant_backward_cell<T>(                                              \
       int, int, int, int64_t, const int64_t*, const AccT<T>*, const AccT<T>*, int64_t,             \
       const AccT<T>*, const VariantOptions<T>&, ZoneoutStep<AccT<T>>, ZoneoutStep<AccT<T>>,        \
-      const AccT<T>*, const T*, AccT<T>*, const AccT<T>*, AccT<T>*, AccT<T>*, T*, AccT<T>*, T*,    \
-      AccT<T>*, T*, cudaStream_t);                                                                 \
+      const AccT<T>*, const T*, AccT<T>*, const AccT<T>*, AccT<T>*, AccT<T>*, AccT<T>*, AccT<T>*,  \
+      AccT<T>*, AccT<T>*, cudaStream_t);                                                           \
   template cudaError_t lstm_variant_column_sums<T>(int64_t, int, const AccT<T>*, int64_t,          \
                                                    const AccT<T>*, int64_t, AccT<T>*, T*,          \
                                                    cudaStream_t);                                  \
   template cudaError_t lstm_variant_add<T>(int64_t, const AccT<T>*, const AccT<T>*, T*,            \
-                                           cudaStream_t);
+                                           cudaStream_t);                                          \
+  template cudaError_t lstm_variant_input<T>(int64_t, int, int, const T*, const int64_t*,          \
+                                             AccT<T>*, cudaStream_t);                              \
+  template cudaError_t lstm_variant_recurrent_inputs<T>(int64_t, int, int, const T*, const T*,     \
+                                                        const int64_t*, bool, AccT<T>*,            \
+                                                        cudaStream_t);
 FASTLSTM_INSTANTIATE_VARIANT(double)
 FASTLSTM_INSTANTIATE_VARIANT(float)
 FASTLSTM_INSTANTIATE_VARIANT(__half)

@@ -11,7 +11,8 @@
 // clipping and zoneout are compile-time flags of the kernels, so a variant that is off costs nothing.
 //
 // T is double, float, __half or __nv_bfloat16; AccT<T> (lstm_kernels.cuh) is the arithmetic and cell
-// type. Everything row-wise is computed in AccT<T>; a value of type T is rounded once, where stored.
+// type. Everything is computed and kept in AccT<T> (the matrix products too); only the layer's
+// results are of type T: output and h_t (rounded once per step) and the gradients.
 // Gate order i, f, g, o; K is the width of a saved row: 7H, or 16H + 3 with layer norm.
 // Sequence b is active at time index t iff lengths == nullptr or t < lengths[b]. A step that is
 // inactive for b leaves b's state unchanged, outputs 0 and saves a zero row.
@@ -65,7 +66,7 @@ struct ZoneoutStep {
 // m = o * y, c_t after zoneout; without projection also h_t after zoneout, rounded to T.
 //   B, H, P      batch, hidden size, state size (P == H without projection)
 //   t, lengths   time index and [B] int64 lengths or nullptr
-//   xg:          [B, 4H] x_t @ w_ih^T (no bias)
+//   xg:          [B, 4H] x_t @ w_ih^T (no bias), AccT<T>
 //   rec:         [B, 4H] h_{t-1} @ w_hh^T
 //   bias:        [4H] b_ih + b_hh, or nullptr
 //   opt:         ln_* and has_clip/cell_clip from the layer's options
@@ -82,7 +83,7 @@ struct ZoneoutStep {
 //   m:           [B, H] out: o * y (zero where inactive), for h~ = m @ w_hr^T
 template <typename T>
 cudaError_t lstm_variant_forward_cell(int B, int H, int P, int64_t t, const int64_t* lengths,
-                                      const T* xg, const AccT<T>* rec, const T* bias,
+                                      const AccT<T>* xg, const AccT<T>* rec, const T* bias,
                                       const VariantOptions<T>& opt, ZoneoutStep<AccT<T>> zc,
                                       ZoneoutStep<AccT<T>> zh, AccT<T>* c_state, AccT<T>* saved,
                                       const AccT<T>* h_prev, AccT<T>* h_next, T* output, AccT<T>* m,
@@ -104,13 +105,12 @@ cudaError_t lstm_variant_forward_output(int B, int P, int64_t t, const int64_t* 
 //   grad_output: [B, P] gradient of output_t
 //   dh_keep:     [B, P] in/out: the zoneout part of the gradient of the carried h (grad_h_n at first)
 //   dh_rec:      [B, P] dr_{t'} @ w_hh of the step processed after t, or nullptr for the last one
-//   dh_cand:     [B, P] out: dh~ (zero where inactive), for dm = dh~ @ w_hr
-//   dh_cand_t:   [B, P] out: dh~ rounded to T, for grad_w_hr
+//   dh_cand:     [B, P] out: dh~ (zero where inactive), for dm = dh~ @ w_hr and grad_w_hr
 template <typename T>
 cudaError_t lstm_variant_backward_output(int B, int P, int64_t t, const int64_t* lengths,
                                          const T* grad_output, bool zoneout, ZoneoutStep<AccT<T>> zh,
                                          AccT<T>* dh_keep, const AccT<T>* dh_rec,
-                                         AccT<T>* dh_cand, T* dh_cand_t, cudaStream_t stream);
+                                         AccT<T>* dh_cand, cudaStream_t stream);
 
 // The backward's row-wise stage of step t, in reverse processing order: from the gradient of m
 // (or, without projection, of h_t) and the carried dc, the gradients of the pre-activations and of
@@ -126,14 +126,13 @@ cudaError_t lstm_variant_backward_output(int B, int P, int64_t t, const int64_t*
 //   Without projection (dm == nullptr): grad_output [B, H], dh_keep [B, H] in/out and dh_rec
 //                [B, H] or nullptr as for lstm_variant_backward_output, done here
 //   dc_state:    [B, H] in: gradient of c_t; out: of c_{t-1}
-//   dpre:        [B, 4H] out: gradient of the pre-activations (the bias's), zero where inactive
-//   dxg:         [B, 4H] out: gradient of x_t @ w_ih^T, rounded to T
-//   dr:          [B, 4H] out with layer norm: gradient of h_{t-1} @ w_hh^T (without layer norm it is
-//                dpre); nullptr without
-//   dr_t:        [B, 4H] out with layer norm: dr rounded to T; nullptr without
+//   dpre:        [B, 4H] out: gradient of the pre-activations (the bias's), zero where inactive;
+//                without layer norm also that of x_t @ w_ih^T and of h_{t-1} @ w_hh^T
+//   dxg, dr:     [B, 4H] out with layer norm: gradients of x_t @ w_ih^T and of h_{t-1} @ w_hh^T
+//                (zero where inactive); nullptr without
 //   dz:          [B, H] out with layer norm: gradient of LN(c~) * w_c + b_c; nullptr without
-//   m_t:         [B, H] out with projection: m = o * y rounded to T (zero where inactive), for
-//                grad_w_hr; nullptr without
+//   m:           [B, H] out with projection: m = o * y (zero where inactive), for grad_w_hr;
+//                nullptr without
 template <typename T>
 cudaError_t lstm_variant_backward_cell(int B, int H, int P, int64_t t, const int64_t* lengths,
                                        const AccT<T>* saved_t, const AccT<T>* saved_prev,
@@ -142,7 +141,7 @@ cudaError_t lstm_variant_backward_cell(int B, int H, int P, int64_t t, const int
                                        ZoneoutStep<AccT<T>> zh, const AccT<T>* dm,
                                        const T* grad_output, AccT<T>* dh_keep,
                                        const AccT<T>* dh_rec, AccT<T>* dc_state, AccT<T>* dpre,
-                                       T* dxg, AccT<T>* dr, T* dr_t, AccT<T>* dz, T* m_t,
+                                       AccT<T>* dxg, AccT<T>* dr, AccT<T>* dz, AccT<T>* m,
                                        cudaStream_t stream);
 
 // out[n] = sum over rows r of a[r * lda + n] * b[r * ldb + n] (or of a alone when b is nullptr), for
@@ -164,6 +163,20 @@ cudaError_t lstm_variant_column_sums(int64_t rows, int N, const AccT<T>* a, int6
 template <typename T>
 cudaError_t lstm_variant_add(int64_t n, const AccT<T>* a, const AccT<T>* b, T* out,
                              cudaStream_t stream);
+
+// The input in AccT<T> for the products: out [T_, B, I] = x, zero at steps past a sequence's
+// length (so that whatever the padding holds, NaN included, cannot reach grad_w_ih through the zero
+// gradient rows of those steps).
+template <typename T>
+cudaError_t lstm_variant_input(int64_t T_, int B, int I, const T* x, const int64_t* lengths,
+                               AccT<T>* out, cudaStream_t stream);
+
+// lstm_recurrent_inputs (lstm_kernels.cuh) with the result in AccT<T>: h_prev [T_, B, P] is the h
+// that the step at each time index started from, for grad_w_hh.
+template <typename T>
+cudaError_t lstm_variant_recurrent_inputs(int64_t T_, int B, int P, const T* output, const T* h0,
+                                          const int64_t* lengths, bool reverse, AccT<T>* h_prev,
+                                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastlstm

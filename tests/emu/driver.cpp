@@ -19,7 +19,7 @@
 //   driver variant_backward IN OUT  IN adds grad_output, grad_h_n, grad_c_n, output, saved; OUT gets
 //                             grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
 //                             grad_w_hr, grad_ln_ih, grad_ln_hh, grad_ln_c_weight, grad_ln_c_bias
-//                             and the workspaces dpre and dxg
+//                             and the workspaces dpre and dxg (the cell type)
 //
 // misalign (optional, int64 n): every input tensor of the dtype starts n elements past a 16-byte
 // boundary, as a view into a larger tensor may (the kernels must then not use 16-byte loads on it).
@@ -323,18 +323,20 @@ void variant_forward(const Input& in, const int64_t* sz, const int64_t* flags, W
   const fastlstm::cuda::VariantForwardBuffers nb =
       flags[3] > 0 ? fastlstm::cuda::variant_forward_buffers(s, training, flags[3])
                    : fastlstm::cuda::variant_forward_buffers(s, training);
-  Buf xg(nb.xg * sizeof(T)), output(nb.output * sizeof(T)), rec(nb.rec * sizeof(Acc));
+  Buf x_acc(nb.x * sizeof(Acc)), xg(nb.xg * sizeof(Acc)), output(nb.output * sizeof(T));
+  Buf rec(nb.rec * sizeof(Acc));
   Buf h_state(nb.h_state * sizeof(Acc)), m(nb.m * sizeof(Acc)), h_cand(nb.h_cand * sizeof(Acc));
   Buf saved(nb.saved * sizeof(Acc));
   const Buf h0 = to_acc<T>(in.need("h0"));
   std::memcpy(h_state.p, h0.p, h0.n);
   Buf c_state = to_acc<T>(in.need("c0"));
   if (c_state.n != static_cast<std::size_t>(nb.c_state) * sizeof(Acc)) die("c0 has the wrong size");
+  const Buf w_ih = to_acc<T>(in.need("w_ih"));
   const Buf w_hh = to_acc<T>(in.need("w_hh"));
   const Buf w_hr = s.has_proj ? to_acc<T>(in.need("w_hr")) : Buf();
   fastlstm::cuda::VariantForwardArgs<T> a{};
   a.x = in.ptr<T>("x");
-  a.w_ih = in.ptr<T>("w_ih");
+  a.w_ih = w_ih.as<Acc>();
   a.bias = in.ptr<T>("bias");
   a.w_hh = w_hh.as<Acc>();
   a.w_hr = w_hr.as<Acc>();
@@ -342,7 +344,8 @@ void variant_forward(const Input& in, const int64_t* sz, const int64_t* flags, W
   a.reverse = flags[0] != 0;
   a.training = training;
   a.opt = opt;
-  a.xg = xg.as<T>();
+  a.x_acc = x_acc.as<Acc>();
+  a.xg = xg.as<Acc>();
   a.h_state = h_state.as<Acc>();
   a.c_state = c_state.as<Acc>();
   a.rec = rec.as<Acc>();
@@ -350,13 +353,12 @@ void variant_forward(const Input& in, const int64_t* sz, const int64_t* flags, W
   a.h_cand = h_cand.as<Acc>();
   a.output = output.as<T>();
   a.saved = saved.as<Acc>();
-  CpuMath<T> math;
-  CpuMath<Acc> acc_math;
+  CpuMath<Acc> math;
   Acc* h_n = nullptr;
-  check(fastlstm::cuda::lstm_variant_layer_forward<T>(s, nb, a, math, acc_math, nullptr, &h_n),
+  check(fastlstm::cuda::lstm_variant_layer_forward<T>(s, nb, a, math, nullptr, &h_n),
         "variant forward");
-  const int64_t sizes[] = {nb.xg, nb.chunk, nb.h_state, nb.c_state, nb.rec,
-                           nb.m,  nb.h_cand, nb.output, nb.saved};
+  const int64_t sizes[] = {nb.x, nb.xg, nb.chunk, nb.h_state, nb.c_state, nb.rec,
+                           nb.m, nb.h_cand, nb.output, nb.saved};
   out.put("buffers", sizes, sizeof sizes);
   out.put("output", output.p, output.n);
   const std::vector<T> h_n_t = from_acc<T>(h_n, s.B * s.P);
@@ -373,13 +375,15 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
                                        opt.layer_norm()};
   const fastlstm::cuda::VariantBackwardBuffers nb = fastlstm::cuda::variant_backward_buffers(s);
   const int64_t T_ = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  Buf dpre(nb.dpre * sizeof(Acc)), dxg(nb.dxg * sizeof(T)), dr(nb.dr * sizeof(Acc));
-  Buf dr_all(nb.dr_all * sizeof(T)), dz(nb.dz * sizeof(Acc)), dh_cand(nb.dh_cand * sizeof(Acc));
-  Buf dh_cand_all(nb.dh_cand_all * sizeof(T)), dm(nb.dm * sizeof(Acc)), m_all(nb.m_all * sizeof(T));
-  Buf dh_rec(nb.dh_rec * sizeof(Acc)), h_prev(nb.h_prev * sizeof(T)), partial(nb.partial * sizeof(Acc));
+  Buf dpre(nb.dpre * sizeof(Acc)), dxg(nb.dxg * sizeof(Acc)), dr(nb.dr * sizeof(Acc));
+  Buf dz(nb.dz * sizeof(Acc)), dh_cand(nb.dh_cand * sizeof(Acc)), dm(nb.dm * sizeof(Acc));
+  Buf m(nb.m * sizeof(Acc)), dh_rec(nb.dh_rec * sizeof(Acc)), x_acc(nb.x * sizeof(Acc));
+  Buf h_prev(nb.h_prev * sizeof(Acc)), partial(nb.partial * sizeof(Acc));
+  Buf result(nb.result * sizeof(Acc));
   Buf dh_keep = to_acc<T>(in.need("grad_h_n")), dc_state = to_acc<T>(in.need("grad_c_n"));
   if (dh_keep.n != static_cast<std::size_t>(nb.dh_keep) * sizeof(Acc)) die("grad_h_n has the wrong size");
   const Buf c0 = to_acc<T>(in.need("c0"));
+  const Buf w_ih = to_acc<T>(in.need("w_ih"));
   const Buf w_hh = to_acc<T>(in.need("w_hh"));
   const Buf w_hr = s.has_proj ? to_acc<T>(in.need("w_hr")) : Buf();
   Buf grad_input(T_ * B * I * sizeof(T)), grad_h0(B * P * sizeof(T)), grad_w_ih(4 * H * I * sizeof(T));
@@ -393,7 +397,7 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
   a.x = in.ptr<T>("x");
   a.h0 = in.ptr<T>("h0");
   a.c0 = c0.as<Acc>();
-  a.w_ih = in.ptr<T>("w_ih");
+  a.w_ih = w_ih.as<Acc>();
   a.w_hh = w_hh.as<Acc>();
   a.w_hr = w_hr.as<Acc>();
   a.lengths = in.ptr<int64_t>("lengths");
@@ -402,19 +406,19 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
   a.output = in.ptr<T>("output");
   a.saved = in.ptr<Acc>("saved");
   a.dpre = dpre.as<Acc>();
-  a.dxg = dxg.as<T>();
+  a.dxg = dxg.as<Acc>();
   a.dr = dr.as<Acc>();
-  a.dr_all = dr_all.as<T>();
   a.dz = dz.as<Acc>();
   a.dh_cand = dh_cand.as<Acc>();
-  a.dh_cand_all = dh_cand_all.as<T>();
   a.dm = dm.as<Acc>();
-  a.m_all = m_all.as<T>();
+  a.m = m.as<Acc>();
   a.dh_keep = dh_keep.as<Acc>();
   a.dh_rec = dh_rec.as<Acc>();
   a.dc_state = dc_state.as<Acc>();
-  a.h_prev = h_prev.as<T>();
+  a.x_acc = x_acc.as<Acc>();
+  a.h_prev = h_prev.as<Acc>();
   a.partial = partial.as<Acc>();
+  a.result = result.as<Acc>();
   a.grad_input = grad_input.as<T>();
   a.grad_h0 = grad_h0.as<T>();
   a.grad_w_ih = grad_w_ih.as<T>();
@@ -425,10 +429,8 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
   a.grad_ln_hh = grad_ln_hh.as<T>();
   a.grad_ln_c_weight = grad_ln_c_weight.as<T>();
   a.grad_ln_c_bias = grad_ln_c_bias.as<T>();
-  CpuMath<T> math;
-  CpuMath<Acc> acc_math;
-  check(fastlstm::cuda::lstm_variant_layer_backward<T>(s, a, math, acc_math, nullptr),
-        "variant backward");
+  CpuMath<Acc> math;
+  check(fastlstm::cuda::lstm_variant_layer_backward<T>(s, a, math, nullptr), "variant backward");
   out.put("grad_input", grad_input.p, grad_input.n);
   out.put("grad_h0", grad_h0.p, grad_h0.n);
   out.put("grad_c0_acc", dc_state.p, dc_state.n);
@@ -443,7 +445,7 @@ void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, 
     out.put("grad_ln_c_bias", grad_ln_c_bias.p, grad_ln_c_bias.n);
   }
   out.put("dpre", dpre.p, dpre.n);
-  out.put("dxg", dxg.p, dxg.n);
+  out.put("dxg", (ln ? dxg : dpre).p, (ln ? dxg : dpre).n);
 }
 
 // Moves every input of the dtype `elements` elements past the start of a fresh allocation.

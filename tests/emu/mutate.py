@@ -226,6 +226,10 @@ MUTANTS = [
            "lstm_variant.cu", "p.dc_state[bH + j] = keep + dct * f;",
            "p.dc_state[bH + j] = to_acc(from_acc<T>(keep + dct * f));",
            [variant(torch.bfloat16, False, False, "nozone", False, False, False)]),
+    Mutant("variant-padding-read", "passes the input's padding (past a sequence's length) to the "
+           "weight gradient's product", "lstm_variant.cu",
+           "out[i] = active ? to_acc(x[i]) : AccT<T>(0);", "out[i] = to_acc(x[i]) + AccT<T>(0 * active);",
+           [("variant: NaN in the padding changes nothing", tv.test_variant_nan_padding)]),
 ]
 
 
