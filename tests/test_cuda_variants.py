@@ -31,33 +31,15 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def op_args(case, device, training=True):
-    """lstm_variant_forward's arguments for `case` (tests/test_emulator_variants.VCase)."""
-    dt, cell = case.dtype, case.cell
-    on = lambda v: None if v is None else v.to(device=device, dtype=dt)  # noqa: E731
-    mask = lambda z: z.to(device=device, dtype=cell) if isinstance(z, torch.Tensor) else None  # noqa: E731
-    p = lambda z: z if isinstance(z, float) else 0.0  # noqa: E731
-    ln = case.ln or (None,) * 4
-    return (on(case.x), on(case.h0), on(case.c0), on(case.w_ih), on(case.w_hh), on(case.bias), None,
-            on(case.w_hr), None if case.lengths is None else case.lengths.to(device), case.reverse,
-            mask(case.zc), mask(case.zh), p(case.zc), p(case.zh), case.clip, *map(on, ln), training)
-
-
 def forward(case, device, training=True):
-    out = _op("lstm_variant_forward")(*op_args(case, device, training))
+    out = _op("lstm_variant_forward")(*tv.op_args(case, device, training))
     return {"output": out[0].cpu(), "h_n": out[1].cpu(), "c_n_acc": out[2].to(case.cell).cpu(),
             "saved": out[3].cpu()}, out
 
 
 def backward(case, device, out):
-    a = op_args(case, device)
-    dt = case.dtype
-    grads = [g.to(device=device, dtype=dt) for g in (case.go, case.ghn, case.gcn)]
-    # (input, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, zoneout..., ln..., output, saved)
-    res = _op("lstm_variant_backward")(*grads, *a[:5], a[7], a[8], a[9], *a[10:19], out[0], out[3])
-    names = ["grad_input", "grad_h0", "grad_c0_acc", "grad_w_ih", "grad_w_hh", "grad_bias",
-             "grad_w_hr", "grad_ln_ih", "grad_ln_hh", "grad_ln_c_weight", "grad_ln_c_bias"]
-    return {n: r.cpu() for n, r in zip(names, res) if r.numel()}
+    res = _op("lstm_variant_backward")(*tv.op_backward_args(case, device, out))
+    return {n: r.cpu() for n, r in zip(tv.OP_GRADS, res) if r.numel()}
 
 
 @pytest.mark.parametrize("dtype, ln, clip, zone, proj",

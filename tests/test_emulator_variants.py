@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastlstm
 from fastlstm import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
@@ -463,6 +464,58 @@ def test_variant_nan_padding(sm80):
         if name == "grad_input":
             a, b = a[~pad], b[~pad]
         assert torch.equal(a, b), f"{name} changed with NaN in the padding"
+
+
+# ---- The same layer through the ops (torch.ops.fastlstm.lstm_variant_forward/backward) ----
+def op_args(case, device, training=True):
+    """lstm_variant_forward's arguments for `case` on `device`."""
+    dt, cell = case.dtype, case.cell
+    on = lambda v: None if v is None else v.to(device=device, dtype=dt)  # noqa: E731
+    mask = lambda z: z.to(device=device, dtype=cell) if isinstance(z, torch.Tensor) else None  # noqa: E731
+    p = lambda z: z if isinstance(z, float) else 0.0  # noqa: E731
+    ln = case.ln or (None,) * 4
+    return (on(case.x), on(case.h0), on(case.c0), on(case.w_ih), on(case.w_hh),
+            on(case.bias) if case.has_bias else None, None, on(case.w_hr),
+            None if case.lengths is None else case.lengths.to(device), case.reverse,
+            mask(case.zc), mask(case.zh), p(case.zc), p(case.zh), case.clip, *map(on, ln), training)
+
+
+def op_backward_args(case, device, out):
+    """lstm_variant_backward's arguments for `case`, after the forward op returned `out`."""
+    a = op_args(case, device)
+    grads = [g.to(device=device, dtype=case.dtype) for g in (case.go, case.ghn, case.gcn)]
+    # input, h0, c0, w_ih, w_hh, w_hr, lengths, reverse, the zoneout, clip and gain arguments
+    return (*grads, *a[:5], *a[7:19], out[0], out[3])
+
+
+OP_GRADS = ["grad_input", "grad_h0", "grad_c0_acc", "grad_w_ih", "grad_w_hh", "grad_bias",
+            "grad_w_hr", "grad_ln_ih", "grad_ln_hh", "grad_ln_c_weight", "grad_ln_c_bias"]
+
+
+def _cpu_variant_op():
+    return (fastlstm.backend("cpu") == "compiled" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastlstm::lstm_variant_forward", "CPU"))
+
+
+@pytest.mark.skipif(not _cpu_variant_op(), reason="the CPU variant op is not built")
+@pytest.mark.parametrize("dtype, ln, clip, zone, proj",
+                         [p for p in FLAG_CASES if p.values[0] in (F64, torch.float32)])
+def test_variant_matches_cpu_op(sm80, dtype, ln, clip, zone, proj):
+    """The CUDA layer code and the CPU op (csrc/cpu/variant_layer.cpp) give the same `saved` rows,
+    outputs and gradients: float64 to its roundoff, float32 to float32's."""
+    case = flag_case(dtype, ln, clip, zone, proj)
+    fwd = case.emu_forward(sm80)
+    bwd = case.emu_backward(sm80, fwd)
+    out = torch.ops.fastlstm.lstm_variant_forward(*op_args(case, "cpu"))
+    grads = torch.ops.fastlstm.lstm_variant_backward(*op_backward_args(case, "cpu", out))
+    cpu = {"output": out[0], "h_n": out[1], "c_n_acc": out[2].to(case.cell), "saved": out[3]}
+    cpu.update((n, g) for n, g in zip(OP_GRADS, grads) if g.numel())
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for name, want in cpu.items():
+        got = (fwd if name in fwd else bwd)[name]
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
 
 
 # ---- Scheduling: results must be bitwise the same whatever order threads and blocks run in. ----
