@@ -1,5 +1,6 @@
 """The variant layer's CUDA ops (issue 29: torch.ops.fastlstm.lstm_variant_forward/backward, csrc/cuda/
-variant_cuda.cpp) on a GPU, against fastlstm/reference.py in float64 and against the CPU op's `saved`.
+variant_cuda.cpp) on a GPU, against fastlstm/reference.py in float64 and against the CPU op's `saved`;
+gradcheck, bitwise determinism and CUDA-graph capture.
 The inputs and the checks are tests/test_emulator_variants.py's, which runs the same kernels on the
 CPU emulator. Every test needs a GPU (benchmarks/gpu/run1_build_and_test.sh runs them on one)."""
 import pytest
@@ -112,3 +113,47 @@ def test_variant_ops_bitwise_deterministic():
         runs.append({**fwd, **backward(case, DEVICE, out)})
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), f"{name} differs between two runs"
+
+
+def test_variant_gradcheck_cuda():
+    """gradcheck in float64 through ops.lstm_variant_layer on the GPU (the op and its autograd)."""
+    case = tv.VCase(F64, True, True, "masks", True, lengths=True, reverse=True, dims=(3, 3, 3, 4, 3))
+    on = lambda v: v.to(DEVICE).requires_grad_()  # noqa: E731
+    x, h0, c0, w_ih, w_hh, b, w_hr = map(on, (case.x, case.h0, case.c0, case.w_ih, case.w_hh,
+                                              case.bias, case.w_hr))
+    ln = tuple(map(on, case.ln))
+    zc, zh, lengths = case.zc.to(DEVICE), case.zh.to(DEVICE), case.lengths.to(DEVICE)
+
+    def f(x, h0, c0, w_ih, w_hh, b, w_hr, *ln):
+        return fastlstm.ops.lstm_variant_layer(x, h0, c0, w_ih, w_hh, b, None, w_hr, lengths, True,
+                                               zc, zh, case.clip, ln)
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, w_ih, w_hh, b, w_hr, *ln))
+
+
+def test_variant_ops_cuda_graph():
+    """Forward and backward captured in a CUDA graph replay to the eager results, bitwise: nothing
+    in the binding or the layer code synchronises with the host."""
+    case = tv.VCase(torch.float32, True, True, "masks", True, lengths=True, reverse=False)
+    args = tv.op_args(case, DEVICE)
+    fwd_op, bwd_op = _op("lstm_variant_forward"), _op("lstm_variant_backward")
+    eager = fwd_op(*args)
+    bargs = tv.op_backward_args(case, DEVICE, eager)
+    eager_grads = bwd_op(*bargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        for _ in range(2):
+            out = fwd_op(*args)
+            bwd_op(*bargs[:-2], out[0], out[3])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd_op(*args)
+        grads = bwd_op(*bargs[:-2], out[0], out[3])
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(out, eager)):
+        assert torch.equal(a, b), f"forward result {i} differs after graph replay"
+    for name, a, b in zip(tv.OP_GRADS, grads, eager_grads):
+        assert torch.equal(a, b), f"{name} differs after graph replay"
