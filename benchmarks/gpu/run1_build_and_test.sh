@@ -4,6 +4,7 @@
 #   - tests/test_cuda.py: parity with cuDNN and float64, gradcheck, opcheck, compile, CUDA graphs,
 #     fp16/bf16 error bounds, bitwise determinism (in one process and across two), memory flat over
 #     1000 training steps;
+#   - tests/test_cuda_variants.py: the variant layer's ops (issue 29) against the float64 reference;
 #   - the CUDA autocast test in tests/test_autocast.py;
 #   - benchmarks/sanitize_small.py without a sanitizer (the workload call 2 runs under it: every
 #     batch tile and dtype against a float64 reference), so call 2 does not find a broken workload.
@@ -49,7 +50,7 @@ if [ "${PLAN_SKIP_BUILD:-0}" = 1 ] || build_cuda build.log 300; then
     timeout_args=(-p timeout --timeout 240 --timeout-method thread)
   fi
   step tests tests.log 330 "$PY" -m pytest -v -rA --durations=15 -p no:cacheprovider \
-    "${timeout_args[@]}" tests/test_cuda.py \
+    "${timeout_args[@]}" tests/test_cuda.py tests/test_cuda_variants.py \
     "tests/test_autocast.py::test_cuda_autocast_matches_torch_dtypes"
   plan_note "pytest: $(grep -E '^=+ .*(passed|failed|error|skipped).* =+$' "$PLAN_DIR/tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')"
   # On a GPU every one of these tests must run: a skip there hides a missing build or device.

@@ -10,6 +10,16 @@
 //   driver backward IN OUT    IN adds grad_output, grad_h_n, grad_c_n, output, gates, cells, hidden;
 //                             OUT gets grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh,
 //                             grad_bias, grad_w_hr, and the workspaces dG and dh_all
+//   driver variant_forward IN OUT   the variant layer (csrc/kernels/lstm_variant_host.h): IN as for
+//                             forward (bias without b_ih's and b_hh's own: their sum) and variant
+//                             (float64 [zoneout_c_p, zoneout_h_p, has_clip, cell_clip]), optional
+//                             zoneout_c, zoneout_h (masks in the cell type), ln_ih, ln_hh,
+//                             ln_c_weight, ln_c_bias; OUT gets output, h_n, c_n_acc, saved (every
+//                             step when training, else the last step's scratch rows) and buffers
+//   driver variant_backward IN OUT  IN adds grad_output, grad_h_n, grad_c_n, output, saved; OUT gets
+//                             grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias,
+//                             grad_w_hr, grad_ln_ih, grad_ln_hh, grad_ln_c_weight, grad_ln_c_bias
+//                             and the workspaces dpre and dxg (the cell type)
 //
 // misalign (optional, int64 n): every input tensor of the dtype starts n elements past a 16-byte
 // boundary, as a view into a larger tensor may (the kernels must then not use 16-byte loads on it).
@@ -26,6 +36,7 @@
 #include <vector>
 
 #include "kernels/lstm_host.h"
+#include "kernels/lstm_variant_host.h"
 
 namespace {
 
@@ -282,6 +293,161 @@ void backward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& 
   out.put("dh_all", dh_all.p, dh_all.n);
 }
 
+// The variant layer's options from IN (tensors of T and Acc as the driver received them).
+template <typename T>
+fastlstm::cuda::VariantOptions<T> variant_options(const Input& in) {
+  const Buf& v = in.need("variant");
+  if (v.n != 4 * 8) die("variant must be 4 float64");
+  const double* d = v.as<double>();
+  fastlstm::cuda::VariantOptions<T> o;
+  o.zoneout_c = in.ptr<AccT<T>>("zoneout_c");
+  o.zoneout_h = in.ptr<AccT<T>>("zoneout_h");
+  o.zoneout_c_p = d[0];
+  o.zoneout_h_p = d[1];
+  o.has_clip = d[2] != 0;
+  o.cell_clip = d[3];
+  o.ln_ih = in.ptr<T>("ln_ih");
+  o.ln_hh = in.ptr<T>("ln_hh");
+  o.ln_c_weight = in.ptr<T>("ln_c_weight");
+  o.ln_c_bias = in.ptr<T>("ln_c_bias");
+  return o;
+}
+
+template <typename T>
+void variant_forward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& out) {
+  using Acc = AccT<T>;
+  const fastlstm::cuda::VariantOptions<T> opt = variant_options<T>(in);
+  const fastlstm::cuda::VariantShape s{sz[0], sz[1], sz[2], sz[3], sz[4], in.m.count("w_hr") > 0,
+                                       opt.layer_norm()};
+  const bool training = flags[1] != 0;
+  const fastlstm::cuda::VariantForwardBuffers nb =
+      flags[3] > 0 ? fastlstm::cuda::variant_forward_buffers(s, training, flags[3])
+                   : fastlstm::cuda::variant_forward_buffers(s, training);
+  Buf x_acc(nb.x * sizeof(Acc)), xg(nb.xg * sizeof(Acc)), output(nb.output * sizeof(T));
+  Buf rec(nb.rec * sizeof(Acc));
+  Buf h_state(nb.h_state * sizeof(Acc)), m(nb.m * sizeof(Acc)), h_cand(nb.h_cand * sizeof(Acc));
+  Buf saved(nb.saved * sizeof(Acc));
+  const Buf h0 = to_acc<T>(in.need("h0"));
+  std::memcpy(h_state.p, h0.p, h0.n);
+  Buf c_state = to_acc<T>(in.need("c0"));
+  if (c_state.n != static_cast<std::size_t>(nb.c_state) * sizeof(Acc)) die("c0 has the wrong size");
+  const Buf w_ih = to_acc<T>(in.need("w_ih"));
+  const Buf w_hh = to_acc<T>(in.need("w_hh"));
+  const Buf w_hr = s.has_proj ? to_acc<T>(in.need("w_hr")) : Buf();
+  fastlstm::cuda::VariantForwardArgs<T> a{};
+  a.x = in.ptr<T>("x");
+  a.w_ih = w_ih.as<Acc>();
+  a.bias = in.ptr<T>("bias");
+  a.w_hh = w_hh.as<Acc>();
+  a.w_hr = w_hr.as<Acc>();
+  a.lengths = in.ptr<int64_t>("lengths");
+  a.reverse = flags[0] != 0;
+  a.training = training;
+  a.opt = opt;
+  a.x_acc = x_acc.as<Acc>();
+  a.xg = xg.as<Acc>();
+  a.h_state = h_state.as<Acc>();
+  a.c_state = c_state.as<Acc>();
+  a.rec = rec.as<Acc>();
+  a.m = m.as<Acc>();
+  a.h_cand = h_cand.as<Acc>();
+  a.output = output.as<T>();
+  a.saved = saved.as<Acc>();
+  CpuMath<Acc> math;
+  Acc* h_n = nullptr;
+  check(fastlstm::cuda::lstm_variant_layer_forward<T>(s, nb, a, math, nullptr, &h_n),
+        "variant forward");
+  const int64_t sizes[] = {nb.x, nb.xg, nb.chunk, nb.h_state, nb.c_state, nb.rec,
+                           nb.m, nb.h_cand, nb.output, nb.saved};
+  out.put("buffers", sizes, sizeof sizes);
+  out.put("output", output.p, output.n);
+  const std::vector<T> h_n_t = from_acc<T>(h_n, s.B * s.P);
+  out.put("h_n", h_n_t.data(), h_n_t.size() * sizeof(T));
+  out.put("c_n_acc", c_state.p, c_state.n);
+  out.put("saved", saved.p, saved.n);
+}
+
+template <typename T>
+void variant_backward(const Input& in, const int64_t* sz, const int64_t* flags, Writer& out) {
+  using Acc = AccT<T>;
+  const fastlstm::cuda::VariantOptions<T> opt = variant_options<T>(in);
+  const fastlstm::cuda::VariantShape s{sz[0], sz[1], sz[2], sz[3], sz[4], in.m.count("w_hr") > 0,
+                                       opt.layer_norm()};
+  const fastlstm::cuda::VariantBackwardBuffers nb = fastlstm::cuda::variant_backward_buffers(s);
+  const int64_t T_ = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  Buf dpre(nb.dpre * sizeof(Acc)), dxg(nb.dxg * sizeof(Acc)), dr(nb.dr * sizeof(Acc));
+  Buf dz(nb.dz * sizeof(Acc)), dh_cand(nb.dh_cand * sizeof(Acc)), dm(nb.dm * sizeof(Acc));
+  Buf m(nb.m * sizeof(Acc)), dh_rec(nb.dh_rec * sizeof(Acc)), x_acc(nb.x * sizeof(Acc));
+  Buf h_prev(nb.h_prev * sizeof(Acc)), partial(nb.partial * sizeof(Acc));
+  Buf result(nb.result * sizeof(Acc));
+  Buf dh_keep = to_acc<T>(in.need("grad_h_n")), dc_state = to_acc<T>(in.need("grad_c_n"));
+  if (dh_keep.n != static_cast<std::size_t>(nb.dh_keep) * sizeof(Acc)) die("grad_h_n has the wrong size");
+  const Buf c0 = to_acc<T>(in.need("c0"));
+  const Buf w_ih = to_acc<T>(in.need("w_ih"));
+  const Buf w_hh = to_acc<T>(in.need("w_hh"));
+  const Buf w_hr = s.has_proj ? to_acc<T>(in.need("w_hr")) : Buf();
+  Buf grad_input(T_ * B * I * sizeof(T)), grad_h0(B * P * sizeof(T)), grad_w_ih(4 * H * I * sizeof(T));
+  Buf grad_w_hh(4 * H * P * sizeof(T)), grad_bias(4 * H * sizeof(T));
+  Buf grad_w_hr(s.has_proj ? P * H * sizeof(T) : 0);
+  const bool ln = s.layer_norm;
+  Buf grad_ln_ih(ln ? 4 * H * sizeof(T) : 0), grad_ln_hh(ln ? 4 * H * sizeof(T) : 0);
+  Buf grad_ln_c_weight(ln ? H * sizeof(T) : 0), grad_ln_c_bias(ln ? H * sizeof(T) : 0);
+  fastlstm::cuda::VariantBackwardArgs<T> a{};
+  a.grad_output = in.ptr<T>("grad_output");
+  a.x = in.ptr<T>("x");
+  a.h0 = in.ptr<T>("h0");
+  a.c0 = c0.as<Acc>();
+  a.w_ih = w_ih.as<Acc>();
+  a.w_hh = w_hh.as<Acc>();
+  a.w_hr = w_hr.as<Acc>();
+  a.lengths = in.ptr<int64_t>("lengths");
+  a.reverse = flags[0] != 0;
+  a.opt = opt;
+  a.output = in.ptr<T>("output");
+  a.saved = in.ptr<Acc>("saved");
+  a.dpre = dpre.as<Acc>();
+  a.dxg = dxg.as<Acc>();
+  a.dr = dr.as<Acc>();
+  a.dz = dz.as<Acc>();
+  a.dh_cand = dh_cand.as<Acc>();
+  a.dm = dm.as<Acc>();
+  a.m = m.as<Acc>();
+  a.dh_keep = dh_keep.as<Acc>();
+  a.dh_rec = dh_rec.as<Acc>();
+  a.dc_state = dc_state.as<Acc>();
+  a.x_acc = x_acc.as<Acc>();
+  a.h_prev = h_prev.as<Acc>();
+  a.partial = partial.as<Acc>();
+  a.result = result.as<Acc>();
+  a.grad_input = grad_input.as<T>();
+  a.grad_h0 = grad_h0.as<T>();
+  a.grad_w_ih = grad_w_ih.as<T>();
+  a.grad_w_hh = grad_w_hh.as<T>();
+  a.grad_bias = grad_bias.as<T>();
+  a.grad_w_hr = grad_w_hr.as<T>();
+  a.grad_ln_ih = grad_ln_ih.as<T>();
+  a.grad_ln_hh = grad_ln_hh.as<T>();
+  a.grad_ln_c_weight = grad_ln_c_weight.as<T>();
+  a.grad_ln_c_bias = grad_ln_c_bias.as<T>();
+  CpuMath<Acc> math;
+  check(fastlstm::cuda::lstm_variant_layer_backward<T>(s, a, math, nullptr), "variant backward");
+  out.put("grad_input", grad_input.p, grad_input.n);
+  out.put("grad_h0", grad_h0.p, grad_h0.n);
+  out.put("grad_c0_acc", dc_state.p, dc_state.n);
+  out.put("grad_w_ih", grad_w_ih.p, grad_w_ih.n);
+  out.put("grad_w_hh", grad_w_hh.p, grad_w_hh.n);
+  out.put("grad_bias", grad_bias.p, grad_bias.n);
+  if (s.has_proj) out.put("grad_w_hr", grad_w_hr.p, grad_w_hr.n);
+  if (ln) {
+    out.put("grad_ln_ih", grad_ln_ih.p, grad_ln_ih.n);
+    out.put("grad_ln_hh", grad_ln_hh.p, grad_ln_hh.n);
+    out.put("grad_ln_c_weight", grad_ln_c_weight.p, grad_ln_c_weight.n);
+    out.put("grad_ln_c_bias", grad_ln_c_bias.p, grad_ln_c_bias.n);
+  }
+  out.put("dpre", dpre.p, dpre.n);
+  out.put("dxg", (ln ? dxg : dpre).p, (ln ? dxg : dpre).n);
+}
+
 // Moves every input of the dtype `elements` elements past the start of a fresh allocation.
 void misalign(Input& in, int64_t elements, int64_t dtype_code) {
   const std::size_t elem = dtype_code == 0 ? 8 : dtype_code == 1 ? 4 : 2;
@@ -312,7 +478,7 @@ int selftest();
 
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "selftest") return selftest();
-  if (argc != 4) die("usage: driver forward|backward IN OUT | driver selftest");
+  if (argc != 4) die("usage: driver forward|backward|variant_forward|variant_backward IN OUT | driver selftest");
   const std::string mode = argv[1];
   Input in{read_file(argv[2])};
   const Buf& sizes = in.need("sizes");
@@ -326,6 +492,10 @@ int main(int argc, char** argv) {
       forward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
     } else if (mode == "backward") {
       backward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
+    } else if (mode == "variant_forward") {
+      variant_forward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
+    } else if (mode == "variant_backward") {
+      variant_backward<T>(in, sizes.as<int64_t>(), flags.as<int64_t>(), out);
     } else {
       die("unknown mode " + mode);
     }

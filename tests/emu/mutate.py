@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import emulator  # noqa: E402
 import test_emulator as te  # noqa: E402
+import test_emulator_variants as tv  # noqa: E402
 
 
 
@@ -64,6 +65,27 @@ def path(dtype, name, lengths, proj):
     """One of test_emulator.PATH_CASES: values vs the CPU op, then the rounding contract."""
     return (f"values and rounding, {name} ({te._id(dtype)}, {_flags(lengths, proj)})",
             lambda exe: te.check_case(te.path_case(dtype, name, lengths, proj), exe))
+
+
+def variant(dtype, ln, clip, zone, proj, lengths, reverse, dims=(4, 5, 7, 20, 13)):
+    """A case of tests/test_emulator_variants.py: the variant layer's forward step by step and its
+    backward against the float64 reference."""
+    return (f"variant values ({te._id(dtype)}, {'ln' if ln else 'noln'}, "
+            f"{'clip' if clip else 'noclip'}, {zone}, {_flags(lengths, proj, reverse)}, {dims})",
+            lambda exe: tv.check_case(tv.VCase(dtype, ln, clip, zone, proj, lengths, reverse, dims),
+                                      exe))
+
+
+def variant_orders(dtype, dims):
+    def run(exe):
+        case = tv.VCase(dtype, True, True, "cmask", True, True, True, dims)
+        fwd = case.emu_forward(exe)
+        for env in tv.ORDERS:
+            got = case.emu_forward(exe, env=env)
+            for name in fwd:
+                assert torch.equal(fwd[name].view(torch.uint8), got[name].view(torch.uint8)), \
+                    f"{name} differs between thread/block orders"
+    return f"variant bitwise across thread/block orders ({te._id(dtype)}, {dims})", run
 
 
 MUTANTS = [
@@ -163,6 +185,51 @@ MUTANTS = [
            "a_s[r][kk] = (b < B && k < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
            "a_s[r][kk] = (b < B && kk < K) ? a[static_cast<int64_t>(b) * K + k] : tzero;",
            [path(torch.float32, "b33-h37-p21", False, False)]),
+    # The variant layer (lstm_variant.cu).
+    Mutant("variant-block-sum-race", "drops the barrier between the levels of the block reduction",
+           "lstm_variant.cu",
+           "      for (int n = 0; n < kN; ++n) red[n][tid] += red[n][tid + s];\n    }\n    __syncthreads();",
+           "      for (int n = 0; n < kN; ++n) red[n][tid] += red[n][tid + s];\n    }",
+           [variant_orders(torch.float32, (2, 3, 5, 150, 131))]),
+    Mutant("variant-ln-mean", "divides the gates' layer-norm sum by H instead of 4H",
+           "lstm_variant.cu", "mean_x = v[0] / Acc(H4);", "mean_x = v[0] / Acc(H);",
+           [variant(torch.float32, True, False, "nozone", False, False, False)]),
+    Mutant("variant-ln-backward", "leaves the x-hat term out of the layer norm's backward",
+           "lstm_variant.cu", " - s[7 * H + n] * uxx);", ");",
+           [variant(torch.float32, True, False, "nozone", False, False, False)]),
+    Mutant("variant-clip-grad", "lets the gradient through where the cell was clipped",
+           "lstm_variant.cu", "c_raw <= p.clip)) dct = Acc(0);", "c_raw <= p.clip)) dct = dct;",
+           [variant(torch.float64, False, True, "nozone", False, False, False)]),
+    Mutant("variant-zoneout-dc", "drops the part of dc that zoneout keeps for c_{t-1}",
+           "lstm_variant.cu", "keep = mc * dc;", "keep = Acc(0);",
+           [variant(torch.float64, False, False, "masks", False, False, False)]),
+    Mutant("variant-zoneout-h-mask", "mixes h with c's zoneout mask", "lstm_variant.cu",
+           "h = zone_mix(zone_at(p.zh, bH + j), p.h_prev[bH + j], mm);",
+           "h = zone_mix(zone_at(p.zc, bH + j), p.h_prev[bH + j], mm);",
+           [variant(torch.float32, False, False, "masks", False, False, False)]),
+    Mutant("variant-inactive-steps", "runs the cell for sequences past their length",
+           "lstm_variant.cu", "  if (!active_row(p.lengths, p.t, b)) {\n    for (int64_t n = tid; n < K;",
+           "  if (p.t < 0 && !active_row(p.lengths, p.t, b)) {\n    for (int64_t n = tid; n < K;",
+           [variant(torch.float32, False, False, "nozone", False, True, False)]),
+    Mutant("variant-inactive-dh", "drops the recurrent gradient at steps past a sequence's length "
+           "(projection)", "lstm_variant.cu",
+           "    } else if (dh_rec != nullptr) {\n      dh_keep[bP + j] += dh_rec[bP + j];",
+           "    } else if (dh_rec != nullptr) {\n      dh_keep[bP + j] += Acc(0);",
+           [variant(torch.float64, False, False, "nozone", True, True, True)]),
+    Mutant("variant-c-16bit", "carries c rounded to the input dtype", "lstm_variant.cu",
+           "    p.c_state[bH + j] = c_t;", "    p.c_state[bH + j] = to_acc(from_acc<T>(c_t));",
+           [variant(torch.bfloat16, False, False, "nozone", False, False, False)]),
+    Mutant("variant-h-unrounded", "carries h without rounding it to the input dtype",
+           "lstm_variant.cu", "      p.h_next[bH + j] = to_acc(hr);", "      p.h_next[bH + j] = h;",
+           [variant(torch.float16, False, False, "nozone", False, False, False)]),
+    Mutant("variant-dc-16bit", "carries the backward's dc rounded to the input dtype",
+           "lstm_variant.cu", "p.dc_state[bH + j] = keep + dct * f;",
+           "p.dc_state[bH + j] = to_acc(from_acc<T>(keep + dct * f));",
+           [variant(torch.bfloat16, False, False, "nozone", False, False, False)]),
+    Mutant("variant-padding-read", "passes the input's padding (past a sequence's length) to the "
+           "weight gradient's product", "lstm_variant.cu",
+           "out[i] = active ? to_acc(x[i]) : AccT<T>(0);", "out[i] = to_acc(x[i]) + AccT<T>(0 * active);",
+           [("variant: NaN in the padding changes nothing", tv.test_variant_nan_padding)]),
 ]
 
 
