@@ -27,6 +27,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu/block_cache.h"
 #include "cpu/gate_math.h"
@@ -169,26 +170,34 @@ void normalise_backward(int64_t n, const acc_t* dxhat, const acc_t* xhat, acc_t 
   });
 }
 
-// out[j] = sum over r in [0, rows) of a[r * lda + j] * b[r * ldb + j] (b null: of a alone), summed
-// in row order (the same for any thread count); n columns.
+// out[j] = sum over r in [0, rows) of a[r * lda + j] * b[r * ldb + j] (b null: of a alone); n
+// columns. Summed in slices of kSliceRows rows (in parallel, each row read contiguously), then the
+// slices' sums in order: the same order for any thread count.
+constexpr int64_t kSliceRows = 64;
+
 template <typename acc_t>
 void column_dot(int64_t rows, int64_t n, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* out) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kV = Vec::size(), kCols = 4 * kV;
-  at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t j0 = q * kCols, m = std::min(kCols, n - j0);
-      Vec acc[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t u = 0; u * kV < m; ++u) {
-          const int64_t cnt = std::min(kV, m - u * kV), j = j0 + u * kV;
-          const Vec x = Vec::loadu(a + r * lda + j, cnt);
-          acc[u] = acc[u] + (b ? x * Vec::loadu(b + r * ldb + j, cnt) : x);
-        }
+  const int64_t slices = (rows + kSliceRows - 1) / kSliceRows;
+  std::fill(out, out + n, acc_t(0));
+  if (slices == 0) return;
+  std::vector<acc_t> part(slices * n);
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      acc_t* p = part.data() + sl * n;
+      std::fill(p, p + n, acc_t(0));
+      for (int64_t r = sl * kSliceRows; r < std::min(rows, (sl + 1) * kSliceRows); ++r) {
+        for_vec<acc_t>(n, [&](int64_t j, int64_t c) {
+          const Vec x = Vec::loadu(a + r * lda + j, c);
+          (Vec::loadu(p + j, c) + (b ? x * Vec::loadu(b + r * ldb + j, c) : x)).store(p + j, c);
+        });
       }
-      for (int64_t u = 0; u * kV < m; ++u) acc[u].store(out + j0 + u * kV, std::min(kV, m - u * kV));
     }
   });
+  for (int64_t sl = 0; sl < slices; ++sl) {
+    const acc_t* p = part.data() + sl * n;
+    for_vec<acc_t>(n, [&](int64_t j, int64_t c) { (Vec::loadu(out + j, c) + Vec::loadu(p + j, c)).store(out + j, c); });
+  }
 }
 
 // C[M, N] = A[M, K] @ B[K, N] (row-major, leading dimensions given): on the calling thread, or
@@ -488,7 +497,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   const Layout L(H, v.ln);
   const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor saved = saved_in.contiguous();
-  const at::Tensor gout = grad_output.to(acc).contiguous();
+  const at::Tensor gout = cached_empty({T, B, P}, acc).copy_(grad_output);  // often an expanded scalar
   const at::Tensor out_a = output.to(acc).contiguous();
   const at::Tensor whh = w_hh.to(acc).contiguous();
   const at::Tensor whr = s.has_proj ? w_hr.to(acc).contiguous() : at::Tensor();
@@ -606,7 +615,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   if (act.len != nullptr) {
     // Steps past a sequence's length: zeros instead of whatever the padding holds, so that a NaN
     // there cannot reach grad_w_ih through their zero rows of dxg.
-    x = x.clone();
+    x = cached_empty({T * B, I}, acc).copy_(x);
     acc_t* xw = x.data_ptr<acc_t>();
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t bb = 0; bb < B; ++bb) {
@@ -615,16 +624,22 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
     }
   }
   const at::Tensor dx2 = dxg.view({T * B, 4 * H});
-  at::Tensor grad_input = at::mm(dx2, w_ih.to(acc)).view({T, B, I}).to(dt);
-  at::Tensor grad_w_ih = at::mm(dx2.t(), x).to(dt);
-  at::Tensor grad_w_hh = at::mm(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P})).to(dt);
+  // The large products into block-cache tensors (no fresh pages a call).
+  auto product = [&](const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor out = cached_empty({a.size(0), b.size(1)}, acc);
+    at::mm_out(out, a, b);
+    return out.to(dt);
+  };
+  at::Tensor grad_input = product(dx2, w_ih.to(acc)).view({T, B, I});
+  at::Tensor grad_w_ih = product(dx2.t(), x);
+  at::Tensor grad_w_hh = product(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P}));
   auto column_sum = [&](int64_t n, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb) {
     at::Tensor out = at::empty({n}, acc);
     column_dot<acc_t>(T * B, n, a, lda, b, ldb, out.data_ptr<acc_t>());
     return out.to(dt);
   };
   at::Tensor grad_bias = column_sum(4 * H, dap, 4 * H, nullptr, 0);
-  at::Tensor grad_w_hr = s.has_proj ? at::mm(dq.view({T * B, P}).t(), m_all.view({T * B, H})).to(dt)
+  at::Tensor grad_w_hr = s.has_proj ? product(dq.view({T * B, P}).t(), m_all.view({T * B, H}))
                                     : at::empty({0}, input.options());
   at::Tensor g_ih, g_hh, g_cw, g_cb;
   if (v.ln) {
