@@ -59,12 +59,20 @@ def lstm_layer(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. input [T, B, I], h0 [B, P], c0 [B, H]; returns output [T, B, P],
     h_n [B, P], c_n [B, H]. A step t >= lengths[b] leaves sequence b's state unchanged and outputs 0."""
-    T, B = input.shape[0], input.shape[1]
     x = _input_gates(input, w_ih, b_ih, b_hh)
+    return _recurrence(lambda t, h, c: lstm_step(x[t], h, c, w_hh, w_hr), input, h0, c0, lengths,
+                       reverse)
+
+
+def _recurrence(step, input: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None,
+                reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    # The steps of a layer in its direction: step(t, h, c) -> (h_new, c_new); a step t >= lengths[b]
+    # leaves sequence b's state unchanged and outputs 0. Returns (output, h_n, c_n).
+    T, B = input.shape[0], input.shape[1]
     h, c = h0, c0
     outputs: list[Tensor] = [input.new_empty(0)] * T
     for t in range(T - 1, -1, -1) if reverse else range(T):
-        h_new, c_new = lstm_step(x[t], h, c, w_hh, w_hr)
+        h_new, c_new = step(t, h, c)
         if lengths is None:
             h, c = h_new, c_new
             outputs[t] = h_new
@@ -156,25 +164,13 @@ def lstm_variant_layer(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """lstm_layer with the variants of lstm_variant_step: zoneout_c / zoneout_h a float or a mask
     [T, B, H] / [T, B, P] (row t is step t's), cell_clip, layer_norm. Returns (output, h_n, c_n)."""
-    T, B = input.shape[0], input.shape[1]
     x = F.linear(input, w_ih)
     bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
-    h, c = h0, c0
-    outputs: list[Tensor] = [input.new_empty(0)] * T
 
     def at(z, t):
         return z[t] if isinstance(z, Tensor) else z
 
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        h_new, c_new = lstm_variant_step(x[t], h, c, w_hh, bias, w_hr, at(zoneout_c, t),
-                                         at(zoneout_h, t), cell_clip, layer_norm)
-        if lengths is None:
-            h, c = h_new, c_new
-            outputs[t] = h_new
-        else:
-            active = (lengths > t).unsqueeze(1)
-            h = torch.where(active, h_new, h)
-            c = torch.where(active, c_new, c)
-            outputs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
-    output = torch.stack(outputs) if T > 0 else input.new_zeros(0, B, h0.shape[1])
-    return output, h, c
+    return _recurrence(
+        lambda t, h, c: lstm_variant_step(x[t], h, c, w_hh, bias, w_hr, at(zoneout_c, t),
+                                          at(zoneout_h, t), cell_clip, layer_norm),
+        input, h0, c0, lengths, reverse)
