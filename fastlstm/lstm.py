@@ -361,19 +361,29 @@ def _layer_runner(device: torch.device):
     layer = ops.layer_function(device)
 
     def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths):
-        outputs, h_n, c_n = [], [], []
-        inputs = x if isinstance(x, tuple) else (x,) * len(weights)
-        for d, w in enumerate(weights):
-            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
-            out, h, c = layer(inputs[d], h0[d], c0[d], w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None,
-                              lengths, d == 1)
-            outputs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
-        return output, torch.stack(h_n), torch.stack(c_n)
+        def run(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            return layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, d == 1)
+
+        return _each_direction(run, x, h0, c0, weights, has_bias, has_proj)
 
     return run_directions
+
+
+def _each_direction(run, x, h0, c0, weights, has_bias, has_proj):
+    """A layer's directions, each ``run(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) -> (out, h, c)``;
+    x one input for all directions or a pair. Returns (output [T, B, D*P], h_n [D, B, P],
+    c_n [D, B, H])."""
+    outputs, h_n, c_n = [], [], []
+    inputs = x if isinstance(x, tuple) else (x,) * len(weights)
+    for d, w in enumerate(weights):
+        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+        out, h, c = run(d, inputs[d], h0[d], c0[d], w[0], w[1], b_ih, b_hh,
+                        w[-1] if has_proj else None)
+        outputs.append(out)
+        h_n.append(h)
+        c_n.append(c)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
+    return output, torch.stack(h_n), torch.stack(c_n)
 
 
 def _variant_runner(device: torch.device, variant: variants.Options):
@@ -387,28 +397,18 @@ def _variant_runner(device: torch.device, variant: variants.Options):
     plain = None if variant.needs_variant_op() else ops.layer_function(device)
 
     def run_directions(x, h0, c0, weights, has_bias, has_proj, lengths, first):
-        outputs, h_n, c_n = [], [], []
-        inputs = x if isinstance(x, tuple) else (x,) * len(weights)
-        for d, w in enumerate(weights):
-            b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
-            w_hr = w[-1] if has_proj else None
-            w_hh = variant.recurrent_weight(w[1])
+        def run(d, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            w_hh = variant.recurrent_weight(w_hh)
             if plain is not None:
-                out, h, c = plain(inputs[d], h0[d], c0[d], w[0], w_hh, b_ih, b_hh, w_hr, lengths,
-                                  d == 1)
-            else:
-                T, B = inputs[d].shape[0], inputs[d].shape[1]
-                z_c, z_h = variant.zoneout(T, B, w[0].shape[0] // 4, w_hh.shape[1], inputs[d])
-                norm = variant.layer_norm[first + d] if variant.layer_norm is not None else None
-                out, h, c = ops.lstm_variant_layer(inputs[d], h0[d], c0[d], w[0], w_hh, b_ih,
-                                                   b_hh, w_hr, lengths, d == 1, z_c, z_h,
-                                                   variant.cell_clip, norm)
-                out, h, c = (_as_dtype(t, inputs[d].dtype) for t in (out, h, c))
-            outputs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 2)
-        return output, torch.stack(h_n), torch.stack(c_n)
+                return plain(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, d == 1)
+            T, B = x.shape[0], x.shape[1]
+            z_c, z_h = variant.zoneout(T, B, w_ih.shape[0] // 4, w_hh.shape[1], x)
+            norm = variant.layer_norm[first + d] if variant.layer_norm is not None else None
+            out, h, c = ops.lstm_variant_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                               d == 1, z_c, z_h, variant.cell_clip, norm)
+            return tuple(_as_dtype(t, x.dtype) for t in (out, h, c))
+
+        return _each_direction(run, x, h0, c0, weights, has_bias, has_proj)
 
     return run_directions
 
