@@ -32,9 +32,12 @@
 #include "cpu/block_cache.h"
 #include "cpu/gate_math.h"
 #include "cpu/gemm/blas.h"
+#include "cpu/gemm/pack.h"
 #include "cpu/gemm/parallel.h"
+#include "cpu/gemm/probe.h"
 #include "cpu/gemm/serial.h"
 #include "cpu/lengths.h"
+#include "cpu/projection.h"
 #include "lstm_checks.h"
 
 namespace fastlstm::cpu {
@@ -332,8 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor whr_t = s.has_proj ? whr.t().contiguous() : at::Tensor();
   const at::Tensor b = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   at::Tensor xg = cached_empty({T * B, 4 * H}, acc);
-  gemm_blas<acc_t>(false, true, T * B, 4 * H, I, acc_t(1), x.data_ptr<acc_t>(), I, wih.data_ptr<acc_t>(), I,
-                   acc_t(0), xg.data_ptr<acc_t>(), 4 * H);
+  at::Tensor wih_panels;  // packed by project_input where it runs on brgemm
+  project_input<acc_t>(x, wih, wih_panels, xg, B, nullptr);
   at::Tensor saved = training ? cached_empty({T, B, L.K}, acc) : at::Tensor();  // rows written below
   at::Tensor scratch = training ? at::Tensor() : at::empty({B, L.K}, acc);
   if (v.ln) {  // normalise x W_ih^T row by row up front; its rstd goes to the saved row
@@ -630,17 +633,47 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
     at::mm_out(out, a, b);
     return out.to(dt);
   };
-  at::Tensor grad_input = product(dx2, w_ih.to(acc)).view({T, B, I});
-  at::Tensor grad_w_ih = product(dx2.t(), x);
-  at::Tensor grad_w_hh = product(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P}));
+  at::Tensor grad_input, grad_w_ih, grad_w_hh, grad_w_hr;
+  bool done = false;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // float32 on brgemm, as the plain layer's backward (MKL runs these well below brgemm's rate
+    // on AMD CPUs): grad_input on column panels of w_ih, the weight gradients by
+    // weight_grad_parallel (each tile's sum in a fixed order: independent of the thread count).
+    if (brgemm_usable() && T * B >= kBrgemmMinRows) {
+      constexpr int64_t kPanel = 64;
+      const at::Tensor wih = w_ih.to(acc).contiguous();
+      const at::Tensor panels = pack_panels_nn<float>(wih.data_ptr<float>(), 4 * H, I, kPanel, acc);
+      at::Tensor gi = cached_empty({T, B, I}, acc);
+      gemm_panels_parallel<float>(T * B, I, 4 * H, dxp, 4 * H, panels, kPanel, gi.data_ptr<float>(), I);
+      grad_input = gi.to(dt);
+      const float* xr = x.data_ptr<float>();
+      at::Tensor gw = cached_empty({4 * H, I}, acc);
+      weight_grad_parallel(I, 4 * H, T * B, [&](int64_t k) { return xr + k * I; }, dxp, 4 * H, gw.data_ptr<float>(), I);
+      grad_w_ih = gw.to(dt);
+      at::Tensor gh = cached_empty({4 * H, P}, acc);
+      weight_grad_parallel(P, 4 * H, T * B, [&](int64_t k) { return hpp + k * P; }, drp, 4 * H, gh.data_ptr<float>(), P);
+      grad_w_hh = gh.to(dt);
+      if (s.has_proj) {
+        at::Tensor gr = cached_empty({P, H}, acc);
+        weight_grad_parallel(H, P, T * B, [&](int64_t k) { return map + k * H; }, dqp, P, gr.data_ptr<float>(), H);
+        grad_w_hr = gr.to(dt);
+      }
+      done = true;
+    }
+  }
+  if (!done) {
+    grad_input = product(dx2, w_ih.to(acc)).view({T, B, I});
+    grad_w_ih = product(dx2.t(), x);
+    grad_w_hh = product(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P}));
+    if (s.has_proj) grad_w_hr = product(dq.view({T * B, P}).t(), m_all.view({T * B, H}));
+  }
+  if (!s.has_proj) grad_w_hr = at::empty({0}, input.options());
   auto column_sum = [&](int64_t n, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb) {
     at::Tensor out = at::empty({n}, acc);
     column_dot<acc_t>(T * B, n, a, lda, b, ldb, out.data_ptr<acc_t>());
     return out.to(dt);
   };
   at::Tensor grad_bias = column_sum(4 * H, dap, 4 * H, nullptr, 0);
-  at::Tensor grad_w_hr = s.has_proj ? product(dq.view({T * B, P}).t(), m_all.view({T * B, H}))
-                                    : at::empty({0}, input.options());
   at::Tensor g_ih, g_hh, g_cw, g_cb;
   if (v.ln) {
     g_ih = column_sum(4 * H, dap, 4 * H, sp + L.xhat, L.K);
