@@ -197,3 +197,30 @@ def test_nan_in_padding_does_not_reach_gradients():
             torch.testing.assert_close(g[name][~pad], clean_g[name][~pad], rtol=0, atol=0)
         else:
             torch.testing.assert_close(g[name], clean_g[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,H", [(torch.float64, 128), (torch.float32, 256)])
+def test_padded_gradient_rows(dtype, H):
+    # Where 4H values fill a multiple of 4 KiB the backward pads its gradient rows (float64 H=128,
+    # float32 H=256); with T * B >= 64 float32 takes the brgemm weight-gradient path.
+    combo = ("zoneout_mask", "clip", "layer_norm")
+    args, kw = make_case(combo, T=8, B=9, I=7, H=H, P=None, dtype=dtype, lengths=[8, 8, 7, 5, 5, 3, 2, 1, 0])
+    out, g = run(ops.lstm_variant_layer, args, kw, False)
+    a64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+           for k, v in args.items()}
+    kw64 = {k: (tuple(p.double() for p in v) if isinstance(v, tuple) else
+                v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref, ref_g = run(reference.lstm_variant_layer, a64, kw64, False)
+    if dtype == torch.float64:
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        for name in g:
+            torch.testing.assert_close(g[name], ref_g[name], rtol=1e-9, atol=1e-11)
+        return
+    # float32: within twice the error of the same variant in plain PyTorch float32 (plus a few ulp).
+    low, low_g = run(reference.lstm_variant_layer, args, kw, False)
+    pairs = [(a, r, l) for a, r, l in zip(out, ref, low)] + [(g[n], ref_g[n], low_g[n]) for n in g]
+    for a, r, l in pairs:
+        err = (a.double() - r).abs().max().item()
+        torch_err = (l.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + 10 * torch.finfo(dtype).eps * r.abs().max().item(), (err, torch_err)

@@ -510,9 +510,13 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   // da: the pre-activations' gradient; dxg / dr: of x W_ih^T and h_{t-1} W_hh^T (da itself
   // without layer norm)
   // Every row of these is written in the loop (zero for the steps past a sequence's length).
-  at::Tensor da = cached_empty({T, B, 4 * H}, acc);
-  at::Tensor dxg = v.ln ? cached_empty({T, B, 4 * H}, acc) : da;
-  at::Tensor dr = v.ln ? cached_empty({T, B, 4 * H}, acc) : da;
+  // Rows ldg apart: padded by 64 bytes where 4H values fill a multiple of 4 KiB (rows exactly 4 KiB
+  // apart share cache sets, which slows the weight-gradient products; the plain layer does the same).
+  // The padding is never read.
+  const int64_t ldg = (4 * H * int64_t(sizeof(acc_t))) % 4096 == 0 ? 4 * H + 64 / int64_t(sizeof(acc_t)) : 4 * H;
+  at::Tensor da = cached_empty({T, B, ldg}, acc);
+  at::Tensor dxg = v.ln ? cached_empty({T, B, ldg}, acc) : da;
+  at::Tensor dr = v.ln ? cached_empty({T, B, ldg}, acc) : da;
   at::Tensor dz = v.ln ? cached_empty({T, B, H}, acc) : at::Tensor();
   at::Tensor dq = s.has_proj ? cached_empty({T, B, P}, acc) : at::Tensor();  // gradient of h~ (projected)
   at::Tensor m_all = s.has_proj ? cached_empty({T, B, H}, acc) : at::Tensor();  // o * y
@@ -545,10 +549,10 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
         const int64_t r = t * B + bb;
         if (!act.active(bb, t)) {  // nothing flows through this step: zero rows for the GEMMs
           std::fill(hpp + r * P, hpp + (r + 1) * P, acc_t(0));
-          std::fill(dap + r * 4 * H, dap + (r + 1) * 4 * H, acc_t(0));
+          std::fill(dap + r * ldg, dap + r * ldg + 4 * H, acc_t(0));
           if (v.ln) {
-            std::fill(dxp + r * 4 * H, dxp + (r + 1) * 4 * H, acc_t(0));
-            std::fill(drp + r * 4 * H, drp + (r + 1) * 4 * H, acc_t(0));
+            std::fill(dxp + r * ldg, dxp + r * ldg + 4 * H, acc_t(0));
+            std::fill(drp + r * ldg, drp + r * ldg + 4 * H, acc_t(0));
             std::fill(dzp + r * H, dzp + (r + 1) * H, acc_t(0));
           }
           if (s.has_proj) {
@@ -583,7 +587,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
           const acc_t* c_prev = ran(bb, tp) ? sp + (tp * B + bb) * L.K + L.c : c0p + bb * H;
           const int64_t r = t * B + bb;
           row_backward<acc_t>(L, v, sv, dmp + bb * H, c_prev, zcp ? zcp + r * H : nullptr, dcp + bb * H,
-                              dap + r * 4 * H, dzp ? dzp + r * H : nullptr, dxp + r * 4 * H, drp + r * 4 * H, tp_buf);
+                              dap + r * ldg, dzp ? dzp + r * H : nullptr, dxp + r * ldg, drp + r * ldg, tp_buf);
           if (s.has_proj) {
             using Vec = Vectorized<acc_t>;
             for_vec<acc_t>(H, [&](int64_t j, int64_t n) {
@@ -598,7 +602,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
         rows_fn(b0, b1);
       }
       // dh_{t-1} = dr_t @ w_hh (+ zoneout_h's share) for active rows; others keep theirs
-      mm<acc_t>(inner, b1 - b0, P, 4 * H, drp + (t * B + b0) * 4 * H, 4 * H, whh.data_ptr<acc_t>(), P, dhr + b0 * P, P);
+      mm<acc_t>(inner, b1 - b0, P, 4 * H, drp + (t * B + b0) * ldg, ldg, whh.data_ptr<acc_t>(), P, dhr + b0 * P, P);
       for (int64_t bb = b0; bb < b1; ++bb) {
         if (!act.active(bb, t)) continue;
         for (int64_t j = 0; j < P; ++j) {
@@ -626,7 +630,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
       }
     }
   }
-  const at::Tensor dx2 = dxg.view({T * B, 4 * H});
+  const at::Tensor dx2 = dxg.view({T * B, ldg}).narrow(1, 0, 4 * H);
   // The large products into block-cache tensors (no fresh pages a call).
   auto product = [&](const at::Tensor& a, const at::Tensor& b) {
     at::Tensor out = cached_empty({a.size(0), b.size(1)}, acc);
@@ -644,14 +648,14 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
       const at::Tensor wih = w_ih.to(acc).contiguous();
       const at::Tensor panels = pack_panels_nn<float>(wih.data_ptr<float>(), 4 * H, I, kPanel, acc);
       at::Tensor gi = cached_empty({T, B, I}, acc);
-      gemm_panels_parallel<float>(T * B, I, 4 * H, dxp, 4 * H, panels, kPanel, gi.data_ptr<float>(), I);
+      gemm_panels_parallel<float>(T * B, I, 4 * H, dxp, ldg, panels, kPanel, gi.data_ptr<float>(), I);
       grad_input = gi.to(dt);
       const float* xr = x.data_ptr<float>();
       at::Tensor gw = cached_empty({4 * H, I}, acc);
-      weight_grad_parallel(I, 4 * H, T * B, [&](int64_t k) { return xr + k * I; }, dxp, 4 * H, gw.data_ptr<float>(), I);
+      weight_grad_parallel(I, 4 * H, T * B, [&](int64_t k) { return xr + k * I; }, dxp, ldg, gw.data_ptr<float>(), I);
       grad_w_ih = gw.to(dt);
       at::Tensor gh = cached_empty({4 * H, P}, acc);
-      weight_grad_parallel(P, 4 * H, T * B, [&](int64_t k) { return hpp + k * P; }, drp, 4 * H, gh.data_ptr<float>(), P);
+      weight_grad_parallel(P, 4 * H, T * B, [&](int64_t k) { return hpp + k * P; }, drp, ldg, gh.data_ptr<float>(), P);
       grad_w_hh = gh.to(dt);
       if (s.has_proj) {
         at::Tensor gr = cached_empty({P, H}, acc);
@@ -664,7 +668,7 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
   if (!done) {
     grad_input = product(dx2, w_ih.to(acc)).view({T, B, I});
     grad_w_ih = product(dx2.t(), x);
-    grad_w_hh = product(dr.view({T * B, 4 * H}).t(), hprev.view({T * B, P}));
+    grad_w_hh = product(dr.view({T * B, ldg}).narrow(1, 0, 4 * H).t(), hprev.view({T * B, P}));
     if (s.has_proj) grad_w_hr = product(dq.view({T * B, P}).t(), m_all.view({T * B, H}));
   }
   if (!s.has_proj) grad_w_hr = at::empty({0}, input.options());
@@ -673,11 +677,11 @@ BackwardOut backward_impl(const LayerSizes& s, const Variants& v, const at::Tens
     column_dot<acc_t>(T * B, n, a, lda, b, ldb, out.data_ptr<acc_t>());
     return out.to(dt);
   };
-  at::Tensor grad_bias = column_sum(4 * H, dap, 4 * H, nullptr, 0);
+  at::Tensor grad_bias = column_sum(4 * H, dap, ldg, nullptr, 0);
   at::Tensor g_ih, g_hh, g_cw, g_cb;
   if (v.ln) {
-    g_ih = column_sum(4 * H, dap, 4 * H, sp + L.xhat, L.K);
-    g_hh = column_sum(4 * H, dap, 4 * H, sp + L.rhat, L.K);
+    g_ih = column_sum(4 * H, dap, ldg, sp + L.xhat, L.K);
+    g_hh = column_sum(4 * H, dap, ldg, sp + L.rhat, L.K);
     g_cw = column_sum(H, dzp, H, sp + L.chat, L.K);
     g_cb = column_sum(H, dzp, H, nullptr, 0);
   } else {
